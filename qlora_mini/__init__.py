@@ -1,1 +1,14 @@
+"""qlora_mini: QLoRA from first principles (hand-written plumbing: the package's public names).
+
+The chapter modules are generated from the notebooks (see CONTRIBUTING.md); this file only
+gathers their public names at the top level.
+"""
+import logging as _logging
+
+# bitsandbytes' CPU backend logs a harmless line about the optional `kernels` package on import.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 __version__ = "0.1.0"
+
+from .codebooks import get_code  # noqa: E402  (chapter 2)
+from .storage import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402  (chapter 3)

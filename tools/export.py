@@ -2,7 +2,7 @@
 
 A notebook names its module once, in a cell line ``#| default_exp storage``; every code cell whose
 first line is ``#| export`` is copied, in order, into ``qlora_mini/storage.py`` under a header that
-names the notebook. ``python tools/export.py`` writes the modules; ``--check`` writes nothing and
+names the notebook (``#| export other`` sends a cell to ``qlora_mini/other.py`` instead). ``python tools/export.py`` writes the modules; ``--check`` writes nothing and
 exits 1 when a module differs from what its notebook would produce (CI runs it as a test).
 
 Why not nbdev: nbdev's exporter brings its own project settings file, rewrites ``__all__`` and
@@ -35,21 +35,37 @@ def module_of(nb) -> str | None:
     return None
 
 
-def render(nb_path: Path) -> tuple[Path, str] | None:
-    """(module path, module text) for one notebook, or None when it exports nothing."""
+def render(nb_path: Path) -> dict[Path, str]:
+    """{module path: module text} for one notebook (empty when it exports nothing)."""
     nb = nbformat.read(nb_path, as_version=4)
-    name = module_of(nb)
-    if name is None:
-        return None
+    default = module_of(nb)
     title = next((l.lstrip("# ").strip() for c in nb.cells if c.cell_type == "markdown"
                   for l in _source_lines(c) if l.startswith("# ")), nb_path.stem)
-    rel = nb_path.relative_to(ROOT).as_posix()
-    parts = [HEADER.format(nb=rel, title=title)]
+    header = HEADER.format(nb=nb_path.relative_to(ROOT).as_posix(), title=title)
+    modules: dict[str, list[str]] = {}
     for cell in nb.cells:
         lines = _source_lines(cell)
-        if cell.cell_type == "code" and lines and lines[0].strip() == "#| export":
-            parts.append("\n".join(lines[1:]).strip("\n") + "\n")
-    return ROOT / "qlora_mini" / f"{name}.py", "\n\n".join(parts)
+        if cell.cell_type != "code" or not lines or not lines[0].strip().startswith("#| export"):
+            continue
+        name = lines[0].split()[2] if len(lines[0].split()) > 2 else default
+        if name is None:
+            raise SystemExit(f"{nb_path.name}: '#| export' without a '#| default_exp NAME' line")
+        modules.setdefault(name, [header]).append("\n".join(lines[1:]).strip("\n") + "\n")
+    return {ROOT / "qlora_mini" / f"{n}.py": "\n\n".join(parts) for n, parts in modules.items()}
+
+
+def _write_or_compare(path: Path, text: str, source: str, check: bool) -> bool:
+    """Write the module (or, with check, print a diff); True when it was stale."""
+    old = path.read_text() if path.exists() else ""
+    if old == text:
+        return False
+    if check:
+        sys.stdout.writelines(difflib.unified_diff(
+            old.splitlines(True), text.splitlines(True), str(path), f"{source} (export)"))
+    else:
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return True
 
 
 def main(argv=None) -> int:
@@ -58,23 +74,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     stale = []
     for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        out = render(nb_path)
-        if out is None:
-            continue
-        path, text = out
-        old = path.read_text() if path.exists() else ""
-        if old == text:
-            continue
-        if args.check:
-            stale.append(path)
-            sys.stdout.writelines(difflib.unified_diff(
-                old.splitlines(True), text.splitlines(True), str(path), f"{nb_path.name} (export)"))
-        else:
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
+        for path, text in render(nb_path).items():
+            if _write_or_compare(path, text, nb_path.name, args.check):
+                stale.append(path)
     if stale:
-        print(f"\n{len(stale)} module(s) differ from their notebooks: run `make export`.")
-        return 1
+        if args.check:
+            print(f"\n{len(stale)} module(s) differ from their notebooks: run `make export`.")
+            return 1
     return 0
 
 
