@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup book test unit export check-export clean
+.PHONY: setup book test unit export check-export notebooks clean
 
 setup: $(STAMP)
 
@@ -27,3 +27,7 @@ check-export: setup
 
 clean:
 	rm -rf _build .pytest_cache
+
+notebooks: setup
+	for nb in notebooks/*.ipynb; do $(PY) -m jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+	$(PY) tools/export.py
