@@ -1,0 +1,242 @@
+"""The CUDA dequantization kernel: build, query, call (hand-written plumbing, not generated).
+
+Chapter 4 explains the kernel (``csrc/dequant_4bit.cu``); this module only builds and calls it.
+
+- On a machine with a CUDA device the kernel and its torch binding (``csrc/dequant_4bit_binding.cpp``)
+  are compiled just in time by ``torch.utils.cpp_extension.load`` on first use (cached in torch's
+  extension directory; needs ``ninja`` and ``nvcc``), and :func:`qlora_mini.storage.dequantize_4bit`
+  sends CUDA tensors to :func:`dequantize_4bit_cuda`.
+- Anywhere with ``nvcc``, :func:`compile_check` compiles the kernel file alone to cubins for several
+  GPU architectures, and :func:`dequantize_4bit_host` runs the kernel's own per-thread program on
+  the CPU (one "thread" after another), so the indexing and arithmetic are testable without a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from qlora_mini.storage import FLOAT_DTYPES, QuantState4bit, check_state
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+KERNEL_SRC = CSRC / "dequant_4bit.cu"           # the kernel: no torch headers
+BINDING_SRC = CSRC / "dequant_4bit_binding.cpp"  # the torch side
+HEADER_SRC = CSRC / "dequant_4bit.h"             # the plain-C interface between them
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")     # A100, RTX 30xx/A6000, RTX 40xx/L40S, H100
+OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # QmOutDtype
+
+_ext = None     # the built torch extension
+_error = None   # why there is none (a string), once we tried
+
+
+class CompileError(RuntimeError):
+    """nvcc is missing or failed; the message carries the command and nvcc's output."""
+
+
+def find_nvcc() -> str | None:
+    """Path of ``nvcc``: on PATH, else under $CUDA_HOME (or $CUDA_PATH, /usr/local/cuda); or None."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+def _nvcc(args: list[str]) -> subprocess.CompletedProcess:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise CompileError("nvcc not found (looked on PATH, $CUDA_HOME, $CUDA_PATH, /usr/local/cuda)")
+    proc = subprocess.run([nvcc, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CompileError(f"{' '.join([nvcc, *args])} failed:\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def _compile_one(arch: str, outdir: Path) -> dict:
+    """nvcc -cubin for one architecture; ptxas' report gives registers and spills per kernel."""
+    if not re.fullmatch(r"sm_\d+", arch):
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    cubin = outdir / f"dequant_4bit.{arch}.cubin"
+    start = time.perf_counter()
+    proc = _nvcc(["-cubin", f"-arch={arch}", "-O3", "-Xptxas", "-v", "-o", str(cubin), str(KERNEL_SRC)])
+    seconds = time.perf_counter() - start
+    report = proc.stdout + proc.stderr
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", report)]
+    return dict(arch=arch, cubin=str(cubin), cubin_bytes=cubin.stat().st_size, kernels=len(regs),
+                max_registers=max(regs, default=0), spill_bytes=max(spills, default=0),
+                seconds=seconds)
+
+
+def compile_check(arch_list=ARCHS, outdir=None) -> list[dict]:
+    """Compile the kernel file alone with nvcc to a cubin for each architecture (in parallel).
+
+    Returns one record per arch: cubin path and size, number of kernels, the most registers a
+    kernel uses, spilled bytes, compile seconds. Raises :class:`CompileError` if nvcc is missing
+    or fails. Needs no GPU and no CUDA build of torch.
+    """
+    outdir = Path(outdir) if outdir is not None else _cache_dir() / "compile_check"
+    outdir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(arch_list), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda a: _compile_one(a, outdir), arch_list))
+
+
+def ptx_summary(arch: str = "sm_90", outdir=None) -> dict:
+    """Compile the kernel to PTX and count what the chapter promises: 16-byte loads
+    (``ld.global.nc.v4``) and stores (``st.global.v4``), no fused multiply-add (``fma``) and no
+    local-memory arrays (``.local``)."""
+    outdir = Path(outdir) if outdir is not None else _cache_dir() / "compile_check"
+    outdir.mkdir(parents=True, exist_ok=True)
+    ptx = outdir / f"dequant_4bit.{arch}.ptx"
+    _nvcc(["-ptx", f"-arch={arch}", "-O3", "-o", str(ptx), str(KERNEL_SRC)])
+    text = ptx.read_text()
+    count = lambda pattern: len(re.findall(pattern, text))  # noqa: E731
+    return dict(arch=arch, ptx=str(ptx), kernels=count(r"\.entry "), wide_loads=count(r"ld\.global\.nc\.v4\."),
+                wide_stores=count(r"st\.global\.v4\."), fma=count(r"\bfma\."),
+                mul_rn=count(r"\bmul\.rn\.f32"), add_rn=count(r"\badd\.rn\.f32"), local=count(r"\.local\b"))
+
+
+def _cache_dir() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+    return Path(get_default_build_root()) / "qlora_mini"
+
+
+def _sources_hash() -> str:
+    data = b"".join(p.read_bytes() for p in (KERNEL_SRC, HEADER_SRC, BINDING_SRC))
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch extension (needs a CUDA device)
+
+
+def _build():
+    """Build (or load from torch's cache) the extension once; remember the failure reason."""
+    global _ext, _error
+    if _ext is not None or _error is not None:
+        return _ext
+    if not torch.cuda.is_available():
+        _error = "no CUDA device"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        _ext = load(name="qlora_mini_dequant_4bit", sources=[str(BINDING_SRC), str(KERNEL_SRC)],
+                    extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3"], verbose=False)
+    except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
+        _error = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return _ext
+
+
+def available() -> bool:
+    """True only when a CUDA device is present and the kernel built (first call builds it)."""
+    return torch.cuda.is_available() and _build() is not None
+
+
+def active_path() -> str:
+    """Which code dequantizes CUDA tensors here, in words."""
+    if not torch.cuda.is_available():
+        return "PyTorch reference (no CUDA device)"
+    if _build() is None:
+        return f"PyTorch reference (CUDA kernel {_error})"
+    major, minor = torch.cuda.get_device_capability()
+    return f"cuda kernel (sm_{major}{minor})"
+
+
+def _out_buffer(state: QuantState4bit, dtype, device, out) -> torch.Tensor:
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if out is None:
+        return torch.empty(state.shape, dtype=dtype, device=device)
+    if out.dtype != dtype or out.shape != torch.Size(state.shape) or out.device != device:
+        raise ValueError(f"out must be {dtype} of shape {tuple(state.shape)} on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
+def dequantize_4bit_cuda(packed: torch.Tensor, state: QuantState4bit, dtype=None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel: packed (ceil(n/2),) uint8 CUDA tensor + state → ``state.shape`` in ``dtype``
+    (default ``state.dtype``), written into ``out`` if given. One launch, also with double quant."""
+    check_state(packed, state)
+    if not packed.is_cuda:
+        raise ValueError(f"packed must be a CUDA tensor, got device {packed.device}")
+    ext = _build()
+    if ext is None:
+        raise RuntimeError(f"the qlora_mini CUDA kernel is unavailable: {_error}")
+    out = _out_buffer(state, dtype, packed.device, out)
+    ext.dequantize_4bit_out(packed.reshape(-1).contiguous(), state.code, state.absmax,
+                            state.nested_absmax, state.nested_code, state.offset,
+                            state.blocksize, state.nested_blocksize, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel's per-thread program on the CPU (needs nvcc, not a GPU)
+
+
+class _Args(ctypes.Structure):
+    """ctypes mirror of QmDequantArgs in csrc/dequant_4bit.h (same order, same types)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("packed", "code", "absmax", "absmax_q", "nested_absmax", "nested_code", "offset", "out")]
+    _fields_ += [("n", ctypes.c_int64), ("log2_blocksize", ctypes.c_int),
+                 ("log2_nested_blocksize", ctypes.c_int), ("out_dtype", ctypes.c_int)]
+
+
+_host_lib = None
+
+
+def _host_library() -> ctypes.CDLL:
+    """Compile csrc/dequant_4bit.cu into a host shared library once (cached by source hash)."""
+    global _host_lib
+    if _host_lib is None:
+        lib = _cache_dir() / f"dequant_4bit_host_{_sources_hash()}.so"
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            _nvcc(["-shared", "-Xcompiler", "-fPIC,-ffp-contract=off", "-O2", "-arch=sm_80",
+                   "-o", str(tmp), str(KERNEL_SRC)])
+            tmp.replace(lib)
+        _host_lib = ctypes.CDLL(str(lib))
+        _host_lib.qlora_mini_dequantize_4bit_host.restype = ctypes.c_char_p
+    return _host_lib
+
+
+def dequantize_4bit_host(packed: torch.Tensor, state: QuantState4bit, dtype=None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the kernel's per-thread code (``dequant_chunk``) on the CPU for CPU tensors: the same
+    source as the GPU kernel, compiled by nvcc for the host. A test of the kernel's logic, not of
+    the GPU (whose bf16/fp16 conversions and fp32 multiplies are also IEEE round-to-nearest-even)."""
+    check_state(packed, state)
+    if packed.is_cuda:
+        raise ValueError("dequantize_4bit_host takes CPU tensors")
+    out = _out_buffer(state, dtype, packed.device, out)
+    keep = [packed.reshape(-1).contiguous(), state.code.contiguous(), state.absmax.contiguous()]
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    a = _Args(packed=ptr(keep[0]), code=ptr(keep[1]), out=out.data_ptr(), n=state.numel,
+              log2_blocksize=state.blocksize.bit_length() - 1,
+              log2_nested_blocksize=state.nested_blocksize.bit_length() - 1,
+              out_dtype=OUT_DTYPES[out.dtype])
+    if state.double_quant:
+        nested = [state.nested_absmax.contiguous(), state.nested_code.contiguous(), state.offset.contiguous()]
+        keep += nested
+        a.absmax_q, a.nested_absmax, a.nested_code, a.offset = ptr(keep[2]), *map(ptr, nested)
+    else:
+        a.absmax = ptr(keep[2])
+    err = _host_library().qlora_mini_dequantize_4bit_host(ctypes.byref(a))
+    if err:
+        raise RuntimeError(err.decode())
+    return out
