@@ -11,7 +11,7 @@ $(STAMP): requirements.txt pyproject.toml tools/setup.sh
 	touch $@
 
 book: setup
-	$(PY) -m jupyter_book build . --all
+	.venv/bin/jupyter-book build . --all
 
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tools/nbval_sanitize.cfg
