@@ -12,3 +12,4 @@ __version__ = "0.1.0"
 
 from .codebooks import get_code  # noqa: E402  (chapter 2)
 from .storage import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402  (chapter 3)
+from .linear4bit import Linear4bit, linear4bit_nbytes, quantize_model  # noqa: E402  (chapter 5)
