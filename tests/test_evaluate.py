@@ -1,0 +1,80 @@
+"""Evaluation (chapter 8): held-out loss, MMLU-style multiple choice, Guanaco generation."""
+import csv
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qlora_mini import data as D
+from qlora_mini import evaluate as E
+from tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny"))
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def test_eval_loss_matches_transformers_loss(tiny):
+    model, tok = tiny
+    examples = [D.tokenize_example(tok, r) for r in D.load_splits(D.DEFAULT_DATA)[1][:3]]
+    ours = E.eval_loss(model, examples, tok.pad_token_id, batch_size=2)
+    # one example at a time: HF's loss is the mean over that example's label tokens
+    per = [(model(**{k: v for k, v in D.collate([e], tok.pad_token_id).items()}).loss.item(),
+            sum(l != D.IGNORE_INDEX for l in e["labels"][1:])) for e in examples]
+    ref = sum(l * n for l, n in per) / sum(n for _, n in per)
+    assert ours["loss"] == pytest.approx(ref, rel=1e-5)
+    assert ours["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
+
+
+def test_stdlib_mcq_layout(tmp_path):
+    folder = E.make_stdlib_mcq(tmp_path, n_dev=5)
+    data = E.read_mcq_dir(folder)
+    assert set(data) == {"python_docstrings", "python_modules"}
+    for subject, split in data.items():
+        assert len(split["dev"]) == 5 and len(split["test"]) > 20
+        for row in split["test"]:
+            assert len(row) == 6 and row[5] in "ABCD" and len(set(row[1:5])) == 4
+    with open(folder / "test" / "python_modules_test.csv") as f:
+        q = next(csv.reader(f))
+    prompt = E.mcq_prompt("python_modules", data["python_modules"]["dev"][:2], q)
+    assert prompt.startswith("The following are multiple choice questions (with answers) about python modules.")
+    assert prompt.count("Answer:") == 3 and prompt.endswith(f"\nD. {q[4]}\nAnswer:")
+
+
+class _AlwaysC(torch.nn.Module):
+    """A fake LM whose last-position logits favour the token ' C': accuracy = share of C answers."""
+    def __init__(self, c_id, vocab):
+        super().__init__()
+        self.c_id, self.vocab = c_id, vocab
+        self.config = SimpleNamespace(max_position_embeddings=64)  # forces dropping shots
+
+    def forward(self, input_ids):
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab)
+        logits[0, -1, self.c_id] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_mcq_scores_letter_logits_per_subject(tiny, tmp_path):
+    _, tok = tiny
+    folder = E.make_stdlib_mcq(tmp_path)
+    c_id = tok.encode(" C", add_special_tokens=False)[-1]
+    result = E.mcq_accuracy(_AlwaysC(c_id, len(tok)), tok, folder, k=5)
+    data = E.read_mcq_dir(folder)
+    expected = {s: sum(r[5] == "C" for r in d["test"]) / len(d["test"]) for s, d in data.items()}
+    assert result["subjects"] == pytest.approx(expected)
+    assert result["mean"] == pytest.approx(sum(expected.values()) / len(expected))  # unweighted
+    assert result["n"] == sum(len(d["test"]) for d in data.values())
+
+
+def test_mcq_and_generation_on_a_real_model(tiny, tmp_path):
+    model, tok = tiny
+    folder = E.make_stdlib_mcq(tmp_path)
+    res = E.mcq_accuracy(model, tok, folder, k=1, limit=4)
+    assert 0.0 <= res["mean"] <= 1.0 and res["n"] == 8 and set(res["subjects"]) == {"python_docstrings", "python_modules"}
+    text = E.generate(model, tok, "What does `json.dumps` do?", max_new_tokens=5)
+    assert isinstance(text, str) and "### Human" not in text
+    assert D.guanaco_prompt("q") == "### Human: q ### Assistant:"

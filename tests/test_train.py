@@ -1,0 +1,136 @@
+"""`python -m qlora_mini.train` (chapter 8): runs, resumes exactly after SIGKILL, saves atomically."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_mini import train as T
+from tiny_model import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _args(model, out, *extra):
+    return ["--config", "default", "--model", str(model), "--output", str(out), "--max-steps", "6",
+            "--set", "save_steps=2", "--set", "eval_steps=0", "--set", "max_eval_samples=4",
+            "--set", "per_device_train_batch_size=2", "--set", "target_max_len=32",
+            "--set", "lora_r=4", "--no-progress", *extra]
+
+
+def _adapter(folder):
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _subprocess(args, **env):
+    return subprocess.Popen([sys.executable, "-m", "qlora_mini.train", *args], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    summary = T.main(_args(tiny, out))
+    return out, summary
+
+
+def test_run_writes_log_plot_checkpoints(reference):
+    out, summary = reference
+    assert summary["step"] == 6 and summary["eval_loss"] > 0
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert (out / "loss.png").stat().st_size > 0
+    assert [p.name for p in T.checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    ck = out / "checkpoint-2"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"):
+        assert (ck / name).is_file(), name
+    assert json.loads((ck / "trainer_state.json").read_text())["microbatch"] == 2 * 2
+
+
+def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tiny, reference, tmp_path):
+    proc = _subprocess(_args(tiny, tmp_path), QLORA_MINI_PAUSE_AFTER_SAVE="2")
+    for line in proc.stdout:  # wait until checkpoint-2 is on disk, then kill -9
+        if line.startswith("PAUSED after checkpoint-2"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert [p.name for p in T.checkpoints(tmp_path)] == ["checkpoint-2"]
+    T.main(_args(tiny, tmp_path, "--resume"))
+    assert _same(_adapter(tmp_path / "adapter"), _adapter(reference[0] / "adapter"))
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(l) for l in (reference[0] / "log.jsonl").read_text().splitlines()]
+    assert log == ref_log
+
+
+def test_kill_during_save_leaves_no_broken_checkpoint(tiny, reference, tmp_path):
+    proc = _subprocess(_args(tiny, tmp_path), QLORA_MINI_KILL_DURING_SAVE="4")
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "checkpoint-4").exists()          # never half-written under its name
+    assert list(tmp_path.glob(".tmp-checkpoint-4-*"))       # the partial write is set aside
+    assert [p.name for p in T.checkpoints(tmp_path)] == ["checkpoint-2"]
+    T.main(_args(tiny, tmp_path, "--resume"))
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert _same(_adapter(tmp_path / "adapter"), _adapter(reference[0] / "adapter"))
+
+
+def test_bad_config_key(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'lora_rank'"):
+        T.main(_args(tiny, tmp_path, "--set", "lora_rank=8"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1e-4\nbatch_size: 4\n")
+    with pytest.raises(SystemExit, match="bad.yaml: unknown config key 'batch_size'"):
+        T.main(["--config", str(bad), "--model", str(tiny), "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="lora_r='many' is not a valid int"):
+        T.main(_args(tiny, tmp_path, "--set", "lora_r=many"))
+    with pytest.raises(SystemExit, match="no such preset"):
+        T.main(["--config", "guanaco-1b", "--output", str(tmp_path)])
+
+
+def test_missing_data_file_and_malformed_record(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="data file not found: .*nope.jsonl"):
+        T.main(_args(tiny, tmp_path, "--data", str(tmp_path / "nope.jsonl")))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "a", "output": "b"}\n' * 9 + '{"input": "a", "answer": "b"}\n')
+    with pytest.raises(SystemExit, match=r"d.jsonl \(\w+ record \d+\): missing field 'output'"):
+        T.main(_args(tiny, tmp_path, "--data", str(data), "--set", "dataset_format=input-output"))
+
+
+def test_presets_follow_the_paper():
+    for size, lr, dropout in [("7b", 2e-4, 0.1), ("13b", 2e-4, 0.05), ("33b", 1e-4, 0.05),
+                              ("65b", 1e-4, 0.05)]:
+        c = T.load_config(f"guanaco-{size}")
+        assert (c.learning_rate, c.lora_dropout, c.lora_r, c.lora_alpha) == (lr, dropout, 64, 16)
+        assert (c.per_device_train_batch_size * c.gradient_accumulation_steps, c.max_steps) == (16, 1875)
+        assert (c.lr_scheduler_type, c.warmup_ratio, c.adam_beta2, c.max_grad_norm) == (
+            "constant", 0.03, 0.999, 0.3)
+        assert c.optim == "paged_adamw_32bit" and c.gradient_checkpointing and c.group_by_length
+        assert (c.source_max_len, c.target_max_len, c.quant_type, c.double_quant) == (16, 512, "nf4", True)
+
+
+def test_lr_schedules_match_transformers():
+    from transformers import get_scheduler
+    for kind in ("constant", "constant_with_warmup", "linear", "cosine"):
+        cfg = T.TrainConfig(lr_scheduler_type=kind, max_steps=40, warmup_ratio=0.1)
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sched = get_scheduler(kind, opt, num_warmup_steps=4, num_training_steps=40)
+        for step in range(40):
+            assert abs(opt.param_groups[0]["lr"] - T.lr_factor(cfg, step)) < 1e-12, (kind, step)
+            opt.step(), sched.step()
