@@ -94,6 +94,7 @@ __host__ __device__ __forceinline__ void dequant_chunk(const QmDequantArgs& a, c
     }
 }
 
+// The kernel: the 16-entry codebook into shared memory, then one 32-element chunk per thread.
 template <typename T, bool DQ>
 __global__ void __launch_bounds__(kThreads) dequant_4bit_kernel(QmDequantArgs a, bool vec) {
     __shared__ float code[16];
@@ -117,6 +118,7 @@ bool aligned16(const QmDequantArgs* a) {
     return ((reinterpret_cast<uintptr_t>(a->packed) | reinterpret_cast<uintptr_t>(a->out)) & 15) == 0;
 }
 
+// One launch covers the whole tensor: ceil(n / 32) threads, 256 per CTA.
 template <typename T, bool DQ>
 void launch(const QmDequantArgs& a, cudaStream_t stream) {
     const int64_t chunks = (a.n + kChunk - 1) / kChunk;
@@ -124,6 +126,7 @@ void launch(const QmDequantArgs& a, cudaStream_t stream) {
     dequant_4bit_kernel<T, DQ><<<grid, kThreads, 0, stream>>>(a, aligned16(&a));
 }
 
+// The same per-thread program on the host, one "thread" after another (for CPU-only tests).
 template <typename T, bool DQ>
 void run_on_host(const QmDequantArgs& a) {
     const int64_t chunks = (a.n + kChunk - 1) / kChunk;
