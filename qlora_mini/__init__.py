@@ -13,4 +13,5 @@ __version__ = "0.1.0"
 from .quantization import dequantize_blockwise, quantize_blockwise  # noqa: E402  (chapter 1)
 from .codebooks import get_code  # noqa: E402  (chapter 2)
 from .storage import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402  (chapter 3)
+from . import kernels  # noqa: E402  (chapter 4: the CUDA kernel, kernels.available(), kernels.active_path())
 from .linear4bit import Linear4bit, linear4bit_nbytes, quantize_model  # noqa: E402  (chapter 5)
