@@ -18,6 +18,13 @@ def _check_tensor(x, name: str = "x") -> None:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
 
 
+def _check_finite(x, name: str = "x") -> None:
+    """Refuse NaN/Inf: they would silently corrupt the absmax of their whole block."""
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(f"{name} has {bad} NaN/Inf value(s); they cannot be quantized")
+
+
 def _check_bits(bits) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an int from 1 to 8, got {bits!r}")
@@ -30,6 +37,7 @@ def absmax_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     to ±127; ``absmax_dequantize(q, absmax)`` undoes the scaling.
     """
     _check_tensor(x)
+    _check_finite(x)
     x = x.detach().float()
     absmax = x.abs().max()                                      # () float32
     q = torch.round(x * (127.0 / absmax.clamp(min=1e-38)))      # (...) float32, integers
@@ -98,6 +106,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor,
     n = x.numel() and n_blocks = ceil(n / blocksize); the last block may be ragged.
     """
     _check_tensor(x)
+    _check_finite(x)
     _check_code(code)
     _check_blocksize(blocksize)
     flat = x.detach().float().reshape(-1)                                   # (n,) float32
