@@ -139,13 +139,11 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
 
 def load_for_eval(model_name: str, adapter=None):
     """The base model, with the LoRA adapters of a `train` run (PEFT folder) on top if given."""
-    from qlora_mini.lora import load_adapter, prepare_qlora
+    from qlora_mini.lora import load_adapter
     from qlora_mini.model import load_model
     model = load_model(model_name)
-    if adapter is not None:
-        conf = json.loads((Path(adapter) / "adapter_config.json").read_text())
-        prepare_qlora(model, r=conf["r"], alpha=conf["lora_alpha"], dropout=conf.get("lora_dropout", 0.0))
-        load_adapter(model, adapter)
+    if adapter is not None:  # prepares the model (4-bit base + LoRA) from adapter_config.json
+        load_adapter(model, adapter, gradient_checkpointing=False)
     return model.eval()
 
 

@@ -122,7 +122,8 @@ def build_model(cfg: TrainConfig):
     if cfg.quantize:
         prepare_qlora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, quant_type=cfg.quant_type,
-                      double_quant=cfg.double_quant, compute_dtype=getattr(torch, cfg.compute_dtype))
+                      double_quant=cfg.double_quant, compute_dtype=getattr(torch, cfg.compute_dtype),
+                      gradient_checkpointing=False)  # switched on below, the same way for both paths
     else:  # plain LoRA on every nn.Linear but lm_head (or the listed suffixes)
         for p in model.parameters():
             p.requires_grad_(False)
