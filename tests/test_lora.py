@@ -1,0 +1,249 @@
+"""LoRA over 4-bit weights, checked against the ecosystem: transformers + bitsandbytes for the
+quantized model, PEFT for the LoRA layers, their gradients and the adapter files.
+
+Equivalence tests compute in float32. Two reasons, both about bitsandbytes, not about us:
+- with compute_dtype=bfloat16, bitsandbytes' Linear4bit casts its output back to the input dtype
+  (float32 here) while ours returns the compute dtype (the agreed API, and what saves memory), so the
+  attention and residual arithmetic downstream runs in different dtypes;
+- in eval mode on a CPU with AVX512-BF16, bitsandbytes repacks the weight and runs a fused kernel
+  that multiplies in bfloat16; in train mode it dequantizes and calls F.linear, as we do. So exact
+  comparisons put the bitsandbytes model in train mode (dropout 0) and the fused path gets its own
+  test with a tolerance.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qlora_mini.linear4bit import Linear4bit
+from qlora_mini.lora import (LoRALinear, load_adapter, lora_layers, merge_qlora, prepare_qlora,
+                             save_adapter, trainable_parameters)
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+F32 = torch.float32
+R, ALPHA = 8, 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny LLaMA saved with save_pretrained; in_features all multiples of 64 (bnb's CPU bug)."""
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def ours(model_dir, **kw):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=F32)
+    options = dict(r=R, alpha=ALPHA, dropout=0.0, compute_dtype=F32, gradient_checkpointing=False)
+    return prepare_qlora(model, **{**options, **kw})
+
+
+def bnb_model(model_dir, compute_dtype=F32):
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qc,
+                                                             dtype=F32, device_map="cpu")
+
+
+def peft_model(model_dir, **kw):
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM", **kw)
+    return peft.get_peft_model(bnb_model(model_dir), cfg)
+
+
+def randomize_B(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+
+
+def peft_lora_params(pm):
+    """{module path: (A, B)} of a PEFT model, path without PEFT's wrapper prefix."""
+    out = {}
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            out[name.removeprefix("base_model.model.")] = (mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+    return out
+
+
+# ---------------------------------------------------------------------------------- the layer
+def test_fresh_layer_equals_base_and_init_matches_peft():
+    torch.manual_seed(0)
+    base = nn.Linear(128, 64)
+    q = Linear4bit.from_linear(base, compute_dtype=F32)
+    x = torch.randn(3, 128)
+    torch.manual_seed(5)
+    layer = LoRALinear(q, r=R, alpha=ALPHA, dropout=0.05).eval()
+    assert torch.equal(layer(x), q(x))  # B = 0: exactly the base
+    assert layer.scaling == ALPHA / R and not layer.lora_B.weight.any()
+    plain = nn.Sequential(nn.Linear(128, 64))
+    torch.manual_seed(5)  # PEFT creates A then B as nn.Linear, then re-initializes: same RNG draws
+    pm = peft.get_peft_model(plain, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"]))
+    assert torch.equal(layer.lora_A.weight, pm.base_model.model[0].lora_A["default"].weight)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(TypeError):
+        LoRALinear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError):
+        LoRALinear(nn.Linear(64, 64), r=0)
+
+
+def test_backward_reaches_only_A_and_B():
+    q = Linear4bit.from_linear(nn.Linear(128, 64), compute_dtype=F32)
+    layer = LoRALinear(q, r=4, alpha=8, dropout=0.0)
+    randomize_B(nn.ModuleDict({"l": layer}))
+    layer(torch.randn(5, 128)).square().sum().backward()
+    assert layer.lora_A.weight.grad.abs().sum() > 0 and layer.lora_B.weight.grad.abs().sum() > 0
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+
+
+# ------------------------------------------------------------------------- prepare_qlora
+def test_prepare_qlora_structure_and_counts_match_peft(model_dir):
+    model = ours(model_dir)
+    assert isinstance(model.lm_head, nn.Linear) and not model.lm_head.weight.requires_grad
+    assert len(lora_layers(model)) == 2 * 7
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.{ab}.weight" for n in lora_layers(model) for ab in ("lora_A", "lora_B")}
+    assert trainable_parameters(model, verbose=False) == peft_model(model_dir).get_nb_trainable_parameters()
+
+
+def test_prepare_qlora_subset_and_fp32_norms(model_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    prepare_qlora(model, r=4, target_modules=["q_proj", "v_proj"])
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.q_proj, LoRALinear) and isinstance(attn.k_proj, Linear4bit)
+    assert isinstance(mlp.down_proj, Linear4bit)
+    assert model.model.norm.weight.dtype == F32 and model.model.embed_tokens.weight.dtype == F32
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    with pytest.raises(ValueError):
+        prepare_qlora(transformers.AutoModelForCausalLM.from_pretrained(model_dir), target_modules=["nope"])
+
+
+def test_checkpointing_does_not_change_gradients(model_dir, tokens):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = ours(model_dir, gradient_checkpointing=ckpt).train()
+        randomize_B(model)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append([m.lora_A.weight.grad for m in lora_layers(model).values()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------ transformers + bitsandbytes, PEFT
+def test_logits_equal_transformers_bitsandbytes(model_dir, tokens):
+    ref = bnb_model(model_dir).train()  # train mode: dequantize + F.linear, as we do (see top)
+    with torch.no_grad():
+        assert torch.equal(ours(model_dir).eval()(input_ids=tokens).logits, ref(input_ids=tokens).logits)
+
+
+def test_logits_close_to_bitsandbytes_fused_cpu_kernel(model_dir, tokens):
+    ref = bnb_model(model_dir).eval()  # may repack for a fused kernel that multiplies in bf16
+    with torch.no_grad():
+        a, b = ours(model_dir).eval()(input_ids=tokens).logits, ref(input_ids=tokens).logits
+    torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 products: ~3 significant digits
+
+
+def test_logits_close_with_bf16_compute(model_dir, tokens):
+    ref = bnb_model(model_dir, torch.bfloat16).train()
+    with torch.no_grad():
+        a = ours(model_dir, compute_dtype=torch.bfloat16).eval()(input_ids=tokens).logits
+        b = ref(input_ids=tokens).logits
+    torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)  # bf16 activations (see top)
+
+
+def copy_peft_lora_into_ours(pm, model):
+    theirs = peft_lora_params(pm)
+    assert set(theirs) == set(lora_layers(model))
+    with torch.no_grad():
+        for name, m in lora_layers(model).items():
+            m.lora_A.weight.copy_(theirs[name][0])
+            m.lora_B.weight.copy_(theirs[name][1])
+
+
+def test_one_training_step_gradients_match_peft(model_dir, tokens):
+    pm = peft_model(model_dir, init_lora_weights=False).train()   # random A and B
+    model = ours(model_dir).train()
+    copy_peft_lora_into_ours(pm, model)
+    loss_ref = pm(input_ids=tokens, labels=tokens).loss
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss_ref.backward()
+    loss.backward()
+    assert torch.equal(loss, loss_ref)
+    theirs = peft_lora_params(pm)
+    for name, m in lora_layers(model).items():
+        torch.testing.assert_close(m.lora_A.weight.grad, theirs[name][0].grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(m.lora_B.weight.grad, theirs[name][1].grad, rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- adapter files
+def test_adapter_files_are_peft_format(model_dir, tmp_path):
+    from safetensors import safe_open
+    model = ours(model_dir)
+    save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 28
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (R, ALPHA, "LORA")
+
+
+def test_peft_loads_our_adapter(model_dir, tokens, tmp_path):
+    model = ours(model_dir).eval()
+    randomize_B(model)
+    save_adapter(model, tmp_path)
+    pm = peft.PeftModel.from_pretrained(bnb_model(model_dir), tmp_path).train()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, pm(input_ids=tokens).logits)
+
+
+def test_we_load_peft_adapter(model_dir, tokens, tmp_path):
+    pm = peft_model(model_dir, init_lora_weights=False)
+    pm.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.bin"))  # safetensors, never pickle
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=F32)
+    model = load_adapter(fresh, tmp_path, compute_dtype=F32, gradient_checkpointing=False).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, pm.train()(input_ids=tokens).logits)
+
+
+def test_load_adapter_rejects_mismatched_layers(model_dir, tmp_path):
+    save_adapter(ours(model_dir, target_modules=["q_proj"]), tmp_path)
+    with pytest.raises(ValueError):
+        load_adapter(ours(model_dir), tmp_path)
+
+
+# -------------------------------------------------------------------------------- merging
+def test_merge_16bit_is_exact_and_4bit_is_not(model_dir, tokens):
+    model = ours(model_dir).eval()
+    randomize_B(model)
+    adapter = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        ref = model(input_ids=tokens).logits
+        W16 = layer.merge_to_16bit(F32).weight                       # (out, in) float32
+        torch.testing.assert_close(W16, layer.base.dequantize(F32) + layer.delta_weight())
+        assert (layer.merge_to_4bit().dequantize(F32) - W16).abs().max() > 10 * layer.delta_weight().abs().max() / 100
+        errors = []
+        for options in (dict(dtype=F32), dict(quantize=True)):
+            fresh = ours(model_dir).eval()
+            fresh.load_state_dict(adapter, strict=False)
+            merged = merge_qlora(fresh, **options)
+            assert not lora_layers(merged)
+            errors.append((merged(input_ids=tokens).logits - ref).abs().max().item())
+    assert errors[0] < 1e-4 and errors[1] > 10 * errors[0]

@@ -1,0 +1,85 @@
+"""The embedded default model: built from the stdlib, cached, loaded with from_pretrained.
+
+A tiny recipe (a few dozen files, 2 layers of width 64, 20 steps) keeps these fast; the real
+default model is built by the notebooks."""
+import json
+
+import pytest
+import torch
+
+from qlora_mini import model as M
+
+TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+TINY_TRAIN = dict(steps=20, batch_size=4, seq_len=32, max_files=40)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return M.default_model_dir(TINY_MODEL, TINY_TRAIN, root=tmp_path_factory.mktemp("cache"),
+                               progress=False)
+
+
+def test_corpus_split_is_fixed_and_disjoint():
+    train, heldout = M.stdlib_corpus(max_files=200)
+    assert len(train) > 150 and len(heldout) >= 1
+    assert (train, heldout) == M.stdlib_corpus(max_files=200)
+    assert not set(train) & set(heldout)
+
+
+def test_cached_dir_has_transformers_files(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pretraining.json"} <= names
+    assert not any(p.name.startswith(".building-") for p in tiny_dir.parent.iterdir())
+    info = json.loads((tiny_dir / "pretraining.json").read_text())
+    assert len(info["losses"]) == TINY_TRAIN["steps"] and info["losses"][-1] < info["losses"][0]
+    # a second call finds the cache instead of training again
+    assert M.default_model_dir(TINY_MODEL, TINY_TRAIN, root=tiny_dir.parent) == tiny_dir
+
+
+def test_loads_with_from_pretrained_and_generates(tiny_dir):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    model = M.load_model(tiny_dir, dtype=torch.float32)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.hidden_size == 64 and model.dtype == torch.float32
+    tok = M.load_tokenizer(tiny_dir)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    ids = tok("def main():\n", return_tensors="pt")
+    assert ids["input_ids"][0, 0].item() == tok.bos_token_id
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (1, ids["input_ids"].shape[1] + 8)
+    assert isinstance(tok.decode(out[0], skip_special_tokens=True), str)
+    same = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert torch.equal(same.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_tokenizer_round_trips_any_text(tiny_dir):
+    tok = M.load_tokenizer(tiny_dir)
+    text = "λ = 'ünïcode' \t\n  # émoji 🐍"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_training_is_deterministic():
+    train, _ = M.stdlib_corpus(max_files=20)
+    tok = M.train_tokenizer(train, 300)
+    assert tok.get_vocab() == M.train_tokenizer(train, 300).get_vocab()
+    ids = M.token_stream(tok, train)
+    cfg = dict(steps=5, batch_size=2, seq_len=16)
+    m1, l1 = M.pretrain(tok, ids, TINY_MODEL, cfg, progress=False)
+    m2, l2 = M.pretrain(tok, ids, TINY_MODEL, cfg, progress=False)
+    assert l1 == l2
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_default_name_resolves_locally(monkeypatch, tmp_path):
+    monkeypatch.setattr(M, "default_model_dir", lambda: tmp_path)
+    assert M.resolve(M.DEFAULT_MODEL) == tmp_path
+    assert M.resolve("huggyllama/llama-7b") == "huggyllama/llama-7b"
+
+
+def test_heldout_perplexity_is_finite_and_beats_uniform(tiny_dir):
+    model, tok = M.load_model(tiny_dir, dtype=torch.float32), M.load_tokenizer(tiny_dir)
+    _, heldout = M.stdlib_corpus(max_files=40)
+    ppl = M.heldout_perplexity(model, tok, heldout, seq_len=32, max_tokens=2048)
+    assert 1 < ppl < len(tok)
