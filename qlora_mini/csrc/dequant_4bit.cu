@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "dequant_4bit.h"
 
@@ -42,6 +43,7 @@ constexpr int kThreads = 256;  // threads per CTA: 8192 elements
 #define QM_ADD(a, b) ((a) + (b))
 #endif
 
+// float -> output type, rounded to nearest even; to_bits gives the raw bits of that value.
 template <typename T> __host__ __device__ __forceinline__ T from_float(float v);
 template <> __host__ __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
@@ -50,6 +52,17 @@ template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bf
 template <> __host__ __device__ __forceinline__ __half from_float<__half>(float v) {
     return __float2half_rn(v);
 }
+__host__ __device__ __forceinline__ uint32_t to_bits(float v) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(v);
+#else
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u;
+#endif
+}
+__host__ __device__ __forceinline__ uint32_t to_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__host__ __device__ __forceinline__ uint32_t to_bits(__half v) { return __half_as_ushort(v); }
 
 // The fp32 absmax of one block, decoded from the double-quantized constants when DQ.
 template <bool DQ>
@@ -73,17 +86,20 @@ __host__ __device__ __forceinline__ void dequant_chunk(const QmDequantArgs& a, c
     if (vec && first + kChunk <= a.n) {
         const uint4 q = QM_LDG(reinterpret_cast<const uint4*>(in));  // 16 bytes = 32 codes
         const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-        alignas(16) T vals[kChunk];
+        constexpr int kPerWord = 4 / sizeof(T);              // outputs per 32-bit word: 2 or 1
+        uint32_t bits[kChunk / kPerWord] = {};               // the 64 or 128 output bytes
 #pragma unroll
         for (int i = 0; i < 16; ++i) {                       // byte i (little endian in its word)
             const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xFF;
-            vals[2 * i] = from_float<T>(QM_MUL(code[byte >> 4], absmax));
-            vals[2 * i + 1] = from_float<T>(QM_MUL(code[byte & 0xF], absmax));
+            const uint32_t hi = to_bits(from_float<T>(QM_MUL(code[byte >> 4], absmax)));  // 2i
+            const uint32_t lo = to_bits(from_float<T>(QM_MUL(code[byte & 0xF], absmax))); // 2i+1
+            bits[(2 * i) / kPerWord] |= hi << (32 / kPerWord * ((2 * i) % kPerWord));
+            bits[(2 * i + 1) / kPerWord] |= lo << (32 / kPerWord * ((2 * i + 1) % kPerWord));
         }
-        constexpr int kStores = kChunk * sizeof(T) / 16;     // 4 (bf16, fp16) or 8 (fp32)
 #pragma unroll
-        for (int k = 0; k < kStores; ++k)
-            reinterpret_cast<uint4*>(out)[k] = reinterpret_cast<const uint4*>(vals)[k];
+        for (int k = 0; k < kChunk / kPerWord / 4; ++k)      // 4 (bf16, fp16) or 8 (fp32) stores
+            reinterpret_cast<uint4*>(out)[k] =
+                make_uint4(bits[4 * k], bits[4 * k + 1], bits[4 * k + 2], bits[4 * k + 3]);
     } else {                                                 // ragged tail or misaligned
         const int m = (a.n - first < kChunk) ? static_cast<int>(a.n - first) : kChunk;
         for (int i = 0; i < m; ++i) {
