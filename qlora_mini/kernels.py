@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -134,7 +135,10 @@ def _build():
                     extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
                     extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
-        _error = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        _error = f"build failed: {type(e).__name__}: {last}"
+        warnings.warn(f"qlora_mini: the CUDA dequantization kernel did not build, CUDA tensors use "
+                      f"the PyTorch reference instead.\n{type(e).__name__}: {e}", RuntimeWarning)
     return _ext
 
 
