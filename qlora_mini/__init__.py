@@ -17,3 +17,4 @@ from . import kernels  # noqa: E402  (chapter 4: the CUDA kernel, kernels.availa
 from .linear4bit import Linear4bit, linear4bit_nbytes, quantize_model  # noqa: E402  (chapter 5)
 from .model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402  (chapter 6: the default model)
 from .lora import LoRALinear, load_adapter, prepare_qlora, save_adapter, trainable_parameters  # noqa: E402  (chapter 6)
+from .memory import SavedTensors, activation_bytes, count_parameters, full_finetune_memory, qlora_memory  # noqa: E402  (chapter 5)

@@ -11,7 +11,9 @@ class SavedTensors:
 
     ``nbytes``: bytes of the distinct storages saved, leaving out those of ``exclude`` (modules
     whose parameters and buffers are resident anyway, or tensors). ``records``: (shape, dtype,
-    bytes, excluded) per saved tensor, in order.
+    bytes, excluded) per saved tensor, in order. ``new_group()`` closes a group (its bytes go to
+    ``groups``) and starts counting afresh: in a backward pass freed memory is reused, so
+    storages must be told apart per group (per layer being recomputed, say).
     """
 
     def __init__(self, *exclude):
@@ -19,7 +21,7 @@ class SavedTensors:
         for obj in exclude:
             tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else [obj]
             self.exclude |= {_storage_key(t) for t in tensors if t is not None}
-        self.seen, self.records, self.nbytes = set(), [], 0
+        self.seen, self.records, self.nbytes, self.groups = set(), [], 0, []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t):
@@ -31,6 +33,11 @@ class SavedTensors:
             self.nbytes += nbytes
         return t
 
+    def new_group(self, *_):
+        if self.nbytes:
+            self.groups.append(self.nbytes)
+        self.seen, self.nbytes = set(), 0
+
     def __enter__(self):
         self._hooks.__enter__()
         return self
@@ -41,3 +48,118 @@ class SavedTensors:
 
 def _storage_key(t):
     return (t.device.type, t.untyped_storage().data_ptr())
+
+
+from dataclasses import dataclass
+
+from qlora_mini.linear4bit import linear4bit_nbytes
+
+GB = 1e9  # the paper's GB (780 GB for 65B = 65.29e9 params x 12 B)
+
+# The shapes of the four LLaMA-1 models (Touvron et al. 2023); vocabulary 32,000.
+LLAMA_SHAPES = {"7B": (4096, 11008, 32, 32), "13B": (5120, 13824, 40, 40),
+                "33B": (6656, 17920, 60, 52), "65B": (8192, 22016, 80, 64)}
+
+
+def llama_config(size: str):
+    """The LlamaConfig of LLaMA-1 7B, 13B, 33B or 65B."""
+    from transformers import LlamaConfig
+    if size not in LLAMA_SHAPES:
+        raise ValueError(f"size must be one of {list(LLAMA_SHAPES)}, got {size!r}")
+    h, i, L, heads = LLAMA_SHAPES[size]
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=L,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000)
+
+
+def meta_model(config):
+    """The causal LM of a Hugging Face config, built on the meta device: shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass
+class ParamCount:
+    """Parameters of a model, split as quantize_model splits them."""
+    total: int          # every parameter (tied weights once)
+    linear: int         # weights of the nn.Linear layers that become Linear4bit
+    other: int          # what stays 16-bit: embeddings, norms, skipped layers (lm_head), biases
+    linear_shapes: list  # (in_features, out_features) of each quantized layer
+
+
+def count_parameters(model, skip=("lm_head",)) -> ParamCount:
+    """Count a model's parameters (works on the meta device)."""
+    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(i * o for i, o in shapes)
+    return ParamCount(total, linear, total - linear, shapes)
+
+
+def activation_terms(config, batch_size=1, seq_len=512, r=64, lora_dropout=0.05, attention="flash",
+                     mask_bytes=1) -> dict:
+    """Bytes that autograd saves for backward, by term, for a LLaMA-type decoder with frozen
+    4-bit linear layers and bf16 LoRA on all of them. 'layer: ...' terms are for ONE decoder
+    layer; 'model: ...' terms once per model. See the table in chapter 5."""
+    if attention not in ("flash", "eager"):
+        raise ValueError(f"attention must be 'flash' or 'eager', got {attention!r}")
+    h, i, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    n = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or h // n
+    kv = (getattr(config, "num_key_value_heads", None) or n) * d
+    N = batch_size * seq_len                                      # tokens
+    lora_in = (2 + mask_bytes) * (6 * h + i) if lora_dropout else 2 * h + 2 * h + 2 * i
+    if attention == "flash":   # q, k, v, out, log-sum-exp (o_proj's LoRA shares out)
+        qkvo, scores = 2 * h + 4 * kv + 2 * h, 4 * n
+    else:                      # q, k and v repeated to n heads, out (saved by o_proj's LoRA A
+        qkvo = 2 * h + 4 * n * d + (0 if lora_dropout else 2 * h)  # without dropout), probabilities
+        scores = (4 + 2) * n * seq_len
+    return {"layer: RMSNorm (2)": N * 2 * (4 * h + 4),
+            "layer: attention q, k, v, out": N * qkvo,
+            "layer: attention scores": N * scores,
+            "layer: MLP gate, SiLU, up": N * 3 * 2 * i,
+            "layer: LoRA A inputs": N * lora_in,
+            "layer: LoRA A outputs": N * 7 * 2 * r,
+            "layer: checkpointed input": N * 2 * h,
+            "model: final norm + loss": N * (4 * h + 4 + 4 * V + 8) + 4,
+            "model: RoPE cos, sin": 2 * 2 * seq_len * d}
+
+
+def activation_bytes(config, batch_size=1, seq_len=512, gradient_checkpointing=True, **kw) -> int:
+    """Peak bytes of saved activations: all layers' (no checkpointing), or every layer's input plus
+    one layer being recomputed (checkpointing); plus the once-per-model terms."""
+    t = activation_terms(config, batch_size, seq_len, **kw)
+    layer = sum(v for k, v in t.items() if k.startswith("layer:") and k != "layer: checkpointed input")
+    model = sum(v for k, v in t.items() if k.startswith("model:"))
+    L = config.num_hidden_layers
+    if gradient_checkpointing:
+        return L * t["layer: checkpointed input"] + layer + model
+    return L * layer + model
+
+
+COMPONENTS = ("4-bit weights", "quantization constants", "16-bit weights", "LoRA weights",
+              "LoRA gradients", "Adam m, v", "activations")
+
+
+def qlora_memory(config, batch_size=1, seq_len=512, r=64, double_quant=True, blocksize=64,
+                 gradient_checkpointing=True, lora_bytes=2, skip=("lm_head",), model=None, **act_kw) -> dict:
+    """Bytes of each component of QLoRA finetuning (COMPONENTS) for a Hugging Face causal-LM config.
+    LoRA of rank r on every quantized layer, in lora_bytes per value (bf16), fp32 Adam m and v.
+    '16-bit weights' also holds the model's buffers (rotary tables) at their own dtype."""
+    model = meta_model(config) if model is None else model
+    pc = count_parameters(model, skip)
+    packed = sum(-(-i * o // 2) for i, o in pc.linear_shapes)
+    consts = sum(linear4bit_nbytes(i, o, blocksize, double_quant) for i, o in pc.linear_shapes) - packed
+    lora = sum(r * (i + o) for i, o in pc.linear_shapes)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return dict(zip(COMPONENTS, (packed, consts, 2 * pc.other + buffers, lora_bytes * lora,
+                                 lora_bytes * lora, 8 * lora,
+                                 activation_bytes(config, batch_size, seq_len, gradient_checkpointing,
+                                                  r=r, **act_kw))))
+
+
+def full_finetune_memory(config, model=None) -> dict:
+    """Bytes of 16-bit full finetuning, activations aside: bf16 weights and gradients, fp32 Adam
+    m and v = 12 bytes per parameter."""
+    n = count_parameters(meta_model(config) if model is None else model).total
+    return {"weights": 2 * n, "gradients": 2 * n, "Adam m, v": 8 * n}
