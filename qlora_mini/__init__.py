@@ -18,3 +18,5 @@ from .linear4bit import Linear4bit, linear4bit_nbytes, quantize_model  # noqa: E
 from .model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402  (chapter 6: the default model)
 from .lora import LoRALinear, load_adapter, prepare_qlora, save_adapter, trainable_parameters  # noqa: E402  (chapter 6)
 from .memory import SavedTensors, activation_bytes, count_parameters, full_finetune_memory, qlora_memory  # noqa: E402  (chapter 5)
+from .paged import PagedAdamW  # noqa: E402  (chapter 7)
+from .data import DEFAULT_DATA, load_splits, stdlib_qa  # noqa: E402  (chapter 8; train/evaluate are commands: python -m qlora_mini.train)
