@@ -25,7 +25,8 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> 
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
+        batch = {k: v.to(getattr(model, "device", "cpu"))
+                 for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]  # predict token t+1
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -85,7 +86,8 @@ def mcq_accuracy(model, tokenizer, folder, k: int = 5, limit: int | None = None)
             while len(ids) > max_len and shots:  # drop shots until it fits, as Hendrycks does
                 shots = shots[:-1]
                 ids = bos + tokenizer.encode(mcq_prompt(subject, shots, row), add_special_tokens=False)
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]  # (vocab,)
+            x = torch.tensor([ids], device=getattr(model, "device", "cpu"))
+            logits = model(input_ids=x).logits[0, -1]  # (vocab,)
             correct.append(CHOICES[int(logits[letter_ids].argmax())] == row[5])
         if correct:
             scores[subject], n = sum(correct) / len(correct), n + len(correct)
@@ -127,7 +129,8 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
     was_training = model.training
     model.eval()
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = torch.tensor([bos + tokenizer.encode(guanaco_prompt(question), add_special_tokens=False)])
+    ids = torch.tensor([bos + tokenizer.encode(guanaco_prompt(question), add_special_tokens=False)],
+                       device=model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -144,7 +147,7 @@ def load_for_eval(model_name: str, adapter=None):
     model = load_model(model_name)
     if adapter is not None:  # prepares the model (4-bit base + LoRA) from adapter_config.json
         load_adapter(model, adapter, gradient_checkpointing=False)
-    return model.eval()
+    return (model.cuda() if torch.cuda.is_available() else model).eval()
 
 
 def main(argv=None) -> dict:

@@ -117,7 +117,8 @@ def load_config(config: str = "default", overrides: dict | None = None) -> Train
 
 
 def build_model(cfg: TrainConfig):
-    """Load the base model, add LoRA adapters (on a 4-bit base unless quantize=False)."""
+    """Load the base model, add LoRA adapters (on a 4-bit base unless quantize=False); on a CUDA
+    machine the prepared model moves to the GPU."""
     model = load_model(cfg.model)
     if cfg.quantize:
         prepare_qlora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -135,6 +136,8 @@ def build_model(cfg: TrainConfig):
                 setattr(model.get_submodule(parent), child,
                         LoRALinear(mod, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
     model.config.use_cache = False
+    if torch.cuda.is_available():  # quantized on the CPU above, so only 4-bit weights move
+        model.cuda()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     return model
@@ -362,6 +365,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         loss_sum = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = _micro_batch(state["microbatch"], train_ex, lengths, cfg, pad_id, cache)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
             state["microbatch"] += 1
             loss = model(**batch).loss  # mean over the micro-batch's label tokens
             (loss / cfg.gradient_accumulation_steps).backward()
@@ -386,7 +390,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             save_checkpoint(out, model, opt, sched, state, cfg)
     bar.close()
     atomic_dir(out / "adapter", lambda tmp: save_adapter(model, tmp))
-    plot_loss(records, out / "loss.png")
+    import matplotlib.pyplot as plt
+    plt.close(plot_loss(records, out / "loss.png"))
     final = records[-1] if records else {}
     return {"step": state["step"], "loss": final.get("loss"), "eval_loss": final.get("eval_loss"),
             "eval_ppl": final.get("eval_perplexity"), "output": str(out)}
