@@ -147,6 +147,20 @@ def _extra_repr(self):
 Linear4bit.from_linear, Linear4bit.forward, Linear4bit.extra_repr = _from_linear, _forward, _extra_repr
 
 
+def _apply(self, fn, recurse=True):
+    """nn.Module._apply (behind .to(), .cuda(), .half(), ...), but the 4-bit buffers keep their
+    dtypes: a dtype cast moves them to the new device and nothing else."""
+    old = {name: b for name, b in self._buffers.items() if b is not None}
+    nn.Module._apply(self, fn, recurse)
+    for name, b in old.items():
+        if self._buffers[name].dtype != b.dtype:
+            self._buffers[name] = b.to(self._buffers[name].device)
+    return self
+
+
+Linear4bit._apply = _apply
+
+
 def quantize_model(model, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                    blocksize=64, skip=("lm_head",)):
     """Replace (in place) every nn.Linear of model whose qualified name does not end with a name in

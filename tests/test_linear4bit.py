@@ -201,3 +201,15 @@ def test_quantize_model():
         assert torch.equal(layer.packed, quantize_4bit(W)[0])
     y = model.lm_head(model.body(x).float())
     assert y.shape == (5, 10)
+
+
+def test_dtype_casts_keep_the_quantized_weight():
+    _, layer = make(128, 64, double_quant=False)       # absmax is fp32 here: a cast would round it
+    W = layer.dequantize(torch.float32)
+    dtypes = {n: b.dtype for n, b in layer.named_buffers()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        cast(layer)
+        assert {n: b.dtype for n, b in layer.named_buffers()} == dtypes
+        assert torch.equal(layer.dequantize(torch.float32), W)
+    assert layer.bias.dtype == torch.float16           # the bias is an ordinary parameter
+    assert layer(torch.randn(2, 128)).dtype == torch.bfloat16
