@@ -44,51 +44,13 @@ class LoRALinear(nn.Module):
 
 
 def _lora_forward(self, x):
-    y = self.base(x)                                   # (..., out) compute dtype
+    y = self.base(x).to(x.dtype)                       # (..., out) computed in compute dtype
     x = x.to(self.lora_A.weight.dtype)                 # (..., in) float32
     h = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out) float32
     return y + h.to(y.dtype)
 
 
 LoRALinear.forward = _lora_forward
-
-
-@torch.no_grad()
-def _delta_weight(self) -> torch.Tensor:
-    """scaling * B @ A: the (out_features, in_features) float32 update LoRA adds to W."""
-    return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-
-
-def _base_weight(self, dtype=torch.float32) -> torch.Tensor:
-    return self.base.dequantize(dtype) if isinstance(self.base, Linear4bit) else self.base.weight.to(dtype)
-
-
-@torch.no_grad()
-def _merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
-    """A plain nn.Linear with W' = dequantize(W) + scaling * B @ A, summed in float32 and stored in
-    dtype: the merge PEFT recommends for a 4-bit base (then quantize again, or don't)."""
-    W = self.base_weight(torch.float32) + self.delta_weight()   # (out, in) float32
-    bias = self.base.bias
-    merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                       device=W.device, dtype=dtype)
-    merged.weight.copy_(W)
-    if bias is not None:
-        merged.bias.copy_(bias)
-    return merged.requires_grad_(False)
-
-
-@torch.no_grad()
-def _merge_to_4bit(self, **quant_options) -> Linear4bit:
-    """Quantize dequantize(W) + scaling * B @ A into a new Linear4bit (what merging into a 4-bit
-    base does): the update survives only where it moves a weight across a rounding boundary."""
-    b = self.base
-    options = dict(quant_type=b.quant_type, double_quant=b.double_quant, blocksize=b.blocksize,
-                   compute_dtype=b.compute_dtype) if isinstance(b, Linear4bit) else {}
-    return Linear4bit.from_linear(self.merge_to_16bit(torch.float32), **{**options, **quant_options})
-
-
-LoRALinear.delta_weight, LoRALinear.base_weight = _delta_weight, _base_weight
-LoRALinear.merge_to_16bit, LoRALinear.merge_to_4bit = _merge_to_16bit, _merge_to_4bit
 
 
 def _linear_names(model, target_modules, skip=("lm_head",)) -> list[str]:
@@ -107,6 +69,11 @@ def _linear_names(model, target_modules, skip=("lm_head",)) -> list[str]:
     return names
 
 
+def _output_in_input_dtype(module, args, output):
+    """Forward hook: cast a Linear4bit's output (compute dtype) back to its input's dtype."""
+    return output.to(args[0].dtype)
+
+
 def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
                   target_modules="all-linear", quant_type: str = "nf4", double_quant: bool = True,
                   compute_dtype=torch.bfloat16, gradient_checkpointing: bool = True):
@@ -123,6 +90,10 @@ def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
         parent, _, child = name.rpartition(".")
         parent = model.get_submodule(parent)
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
+    for m in model.modules():                          # 4-bit layers without an adapter return
+        if isinstance(m, Linear4bit) and id(m) not in wrapped:  # their input's dtype too
+            m.register_forward_hook(_output_in_input_dtype)
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()             # reentrant checkpointing needs a grad input
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
@@ -149,16 +120,6 @@ def trainable_parameters(model, verbose: bool = True) -> tuple[int, int]:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
     return trainable, total
-
-
-def merge_qlora(model, dtype=torch.bfloat16, quantize: bool = False):
-    """Replace every LoRALinear of model by its merged layer, in place: an nn.Linear in dtype
-    (quantize=False, the exact merge) or a re-quantized Linear4bit (quantize=True). Returns model."""
-    for name, layer in lora_layers(model).items():
-        parent, _, child = name.rpartition(".")
-        merged = layer.merge_to_4bit() if quantize else layer.merge_to_16bit(dtype)
-        setattr(model.get_submodule(parent), child, merged)
-    return model
 
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
@@ -217,4 +178,57 @@ def load_adapter(model, directory, **prepare_options):
             for ab in ("lora_A", "lora_B"):
                 getattr(m, ab).weight.copy_(tensors[f"{PEFT_PREFIX}{name}.{ab}.weight"])
             m.r, m.alpha, m.scaling = config["r"], config["lora_alpha"], config["lora_alpha"] / config["r"]
+    return model
+
+
+@torch.no_grad()
+def _delta_weight(self) -> torch.Tensor:
+    """scaling * B @ A: the (out_features, in_features) float32 update LoRA adds to W."""
+    return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+
+def _base_weight(self, dtype=torch.float32) -> torch.Tensor:
+    return self.base.dequantize(dtype) if isinstance(self.base, Linear4bit) else self.base.weight.to(dtype)
+
+
+@torch.no_grad()
+def _merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
+    """A plain nn.Linear with W' = dequantize(W) + scaling * B @ A, summed in float32 and stored in
+    dtype: the merge PEFT recommends for a 4-bit base (then quantize again, or don't)."""
+    W = self.base_weight(torch.float32) + self.delta_weight()   # (out, in) float32
+    bias = self.base.bias
+    merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                       device=W.device, dtype=dtype)
+    merged.weight.copy_(W)
+    if bias is not None:
+        merged.bias.copy_(bias)
+    return merged.requires_grad_(False)
+
+
+@torch.no_grad()
+def _merge_to_4bit(self, **quant_options) -> Linear4bit:
+    """Quantize dequantize(W) + scaling * B @ A into a new Linear4bit (what merging into a 4-bit
+    base does): the update survives only where it moves a weight across a rounding boundary."""
+    b = self.base
+    options = dict(quant_type=b.quant_type, double_quant=b.double_quant, blocksize=b.blocksize,
+                   compute_dtype=b.compute_dtype) if isinstance(b, Linear4bit) else {}
+    return Linear4bit.from_linear(self.merge_to_16bit(torch.float32), **{**options, **quant_options})
+
+
+LoRALinear.delta_weight, LoRALinear.base_weight = _delta_weight, _base_weight
+LoRALinear.merge_to_16bit, LoRALinear.merge_to_4bit = _merge_to_16bit, _merge_to_4bit
+
+
+def merge_qlora(model, dtype=torch.bfloat16, quantize: bool = False):
+    """Replace every LoRALinear of model by its merged layer, in place: an nn.Linear in dtype
+    (quantize=False, the exact merge; the model's activations must then be in dtype too, e.g.
+    model.to(dtype)) or a re-quantized Linear4bit (quantize=True). Returns model."""
+    for name, layer in lora_layers(model).items():
+        parent, _, child = name.rpartition(".")
+        if quantize:
+            merged = layer.merge_to_4bit()
+            merged.register_forward_hook(_output_in_input_dtype)  # like the layer it replaces
+        else:
+            merged = layer.merge_to_16bit(dtype)
+        setattr(model.get_submodule(parent), child, merged)
     return model

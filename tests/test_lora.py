@@ -1,14 +1,11 @@
 """LoRA over 4-bit weights, checked against the ecosystem: transformers + bitsandbytes for the
 quantized model, PEFT for the LoRA layers, their gradients and the adapter files.
 
-Equivalence tests compute in float32. Two reasons, both about bitsandbytes, not about us:
-- with compute_dtype=bfloat16, bitsandbytes' Linear4bit casts its output back to the input dtype
-  (float32 here) while ours returns the compute dtype (the agreed API, and what saves memory), so the
-  attention and residual arithmetic downstream runs in different dtypes;
-- in eval mode on a CPU with AVX512-BF16, bitsandbytes repacks the weight and runs a fused kernel
-  that multiplies in bfloat16; in train mode it dequantizes and calls F.linear, as we do. So exact
-  comparisons put the bitsandbytes model in train mode (dropout 0) and the fused path gets its own
-  test with a tolerance.
+Equivalence tests are exact (torch.equal) in float32 and in bfloat16 compute, with one caveat
+about bitsandbytes on CPU: in eval mode, on a CPU with AVX512-BF16, its Linear4bit repacks the
+weight for a fused kernel that multiplies in bfloat16 (whatever the compute dtype); in train mode
+it dequantizes and calls F.linear, as we do. So exact comparisons put the bitsandbytes model in
+train mode (dropout 0), and the fused path gets its own test with a tolerance.
 """
 import json
 
@@ -158,12 +155,12 @@ def test_logits_close_to_bitsandbytes_fused_cpu_kernel(model_dir, tokens):
     torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 products: ~3 significant digits
 
 
-def test_logits_close_with_bf16_compute(model_dir, tokens):
+@pytest.mark.parametrize("target_modules", ["all-linear", ["q_proj", "v_proj"]])
+def test_logits_equal_with_bf16_compute(model_dir, tokens, target_modules):
     ref = bnb_model(model_dir, torch.bfloat16).train()
     with torch.no_grad():
-        a = ours(model_dir, compute_dtype=torch.bfloat16).eval()(input_ids=tokens).logits
-        b = ref(input_ids=tokens).logits
-    torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)  # bf16 activations (see top)
+        a = ours(model_dir, compute_dtype=torch.bfloat16, target_modules=target_modules).eval()(input_ids=tokens).logits
+        assert torch.equal(a, ref(input_ids=tokens).logits)
 
 
 def copy_peft_lora_into_ours(pm, model):
@@ -175,9 +172,12 @@ def copy_peft_lora_into_ours(pm, model):
             m.lora_B.weight.copy_(theirs[name][1])
 
 
-def test_one_training_step_gradients_match_peft(model_dir, tokens):
-    pm = peft_model(model_dir, init_lora_weights=False).train()   # random A and B
-    model = ours(model_dir).train()
+@pytest.mark.parametrize("compute_dtype", [F32, torch.bfloat16])
+def test_one_training_step_gradients_match_peft(model_dir, tokens, compute_dtype):
+    pm = peft.get_peft_model(bnb_model(model_dir, compute_dtype), peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
+    pm.train()                                                    # random A and B
+    model = ours(model_dir, compute_dtype=compute_dtype).train()
     copy_peft_lora_into_ours(pm, model)
     loss_ref = pm(input_ids=tokens, labels=tokens).loss
     loss = model(input_ids=tokens, labels=tokens).loss
