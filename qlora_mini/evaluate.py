@@ -157,13 +157,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--adapter", help="a PEFT adapter folder, e.g. RUN/adapter")
     ap.add_argument("--data", default=DEFAULT_DATA, help="held-out loss on this data's eval split")
-    ap.add_argument("--mcq", help="a folder in MMLU's CSV layout (dev/, test/)")
+    ap.add_argument("--mcq", help="a folder in MMLU's CSV layout (dev/, test/), or 'stdlib' for "
+                    "the test make_stdlib_mcq builds")
     ap.add_argument("--k", type=int, default=5, help="shots for --mcq")
     ap.add_argument("--ask", action="append", default=[], help="a question to answer (repeatable)")
     args = ap.parse_args(argv)
+    try:
+        _, held = load_splits(args.data)
+        if args.mcq == "stdlib":
+            import tempfile
+            args.mcq = make_stdlib_mcq(Path(tempfile.mkdtemp()) / "mcq")
+        elif args.mcq:
+            read_mcq_dir(args.mcq)  # fail before loading the model
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     tokenizer, model = load_tokenizer(args.model), load_for_eval(args.model, args.adapter)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    _, held = load_splits(args.data)
     result = {"heldout": eval_loss(model, [tokenize_example(tokenizer, r) for r in held], pad_id)}
     if args.mcq:
         result["mcq"] = mcq_accuracy(model, tokenizer, args.mcq, k=args.k)

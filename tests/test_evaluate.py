@@ -78,3 +78,17 @@ def test_mcq_and_generation_on_a_real_model(tiny, tmp_path):
     text = E.generate(model, tok, "What does `json.dumps` do?", max_new_tokens=5)
     assert isinstance(text, str) and "### Human" not in text
     assert D.guanaco_prompt("q") == "### Human: q ### Assistant:"
+
+
+def test_command_line(tmp_path, capsys):
+    from qlora_mini import train as T
+    folder = make_tiny_model(tmp_path / "m")
+    T.main(["--model", str(folder), "--output", str(tmp_path / "run"), "--max-steps", "1",
+            "--set", "lora_r=4", "--set", "max_eval_samples=2", "--no-progress"])
+    capsys.readouterr()
+    out = E.main(["--model", str(folder), "--adapter", str(tmp_path / "run" / "adapter"),
+                  "--mcq", "stdlib", "--k", "0", "--ask", "What does `math.sqrt` do?"])
+    assert out["heldout"]["loss"] > 0 and 0 <= out["mcq"]["mean"] <= 1
+    assert list(out["answers"]) == ["What does `math.sqrt` do?"]
+    with pytest.raises(SystemExit, match="no \\*/test/\\*_test.csv files"):
+        E.main(["--model", str(folder), "--mcq", str(tmp_path / "nowhere")])
