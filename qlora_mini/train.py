@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -336,8 +337,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     from qlora_mini.evaluate import eval_loss
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".tmp-*"):  # left by a kill during a save
+    for stale in [*out.glob(".tmp-*"), *out.glob(".old-*")]:  # left by a kill during a save
         shutil.rmtree(stale, ignore_errors=True)
+    if not resume and checkpoints(out):
+        warnings.warn(f"{out} holds checkpoints of an earlier run; starting afresh (pass --resume "
+                      "to continue it instead)", stacklevel=2)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     train_recs, eval_recs = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
     tokenizer, model = load_tokenizer(cfg.model), build_model(cfg)
