@@ -83,3 +83,36 @@ def test_heldout_perplexity_is_finite_and_beats_uniform(tiny_dir):
     _, heldout = M.stdlib_corpus(max_files=40)
     ppl = M.heldout_perplexity(model, tok, heldout, seq_len=32, max_tokens=2048)
     assert 1 < ppl < len(tok)
+
+
+def test_concurrent_callers_build_once(monkeypatch, tmp_path):
+    """The build lock: a second caller waits for the first one's model instead of training again."""
+    import threading
+    import time
+    calls = []
+
+    def fake_build(final, *args):
+        calls.append(final)
+        time.sleep(0.5)
+        final.mkdir()
+        (final / "config.json").write_text("{}")
+
+    monkeypatch.setattr(M, "_build", fake_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        M.default_model_dir(TINY_MODEL, TINY_TRAIN, root=tmp_path, progress=False))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results[0] == results[1]
+
+
+def test_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M, "pretrain", boom)
+    with pytest.raises(KeyboardInterrupt):
+        M.default_model_dir(TINY_MODEL, TINY_TRAIN, root=tmp_path, progress=False)
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
