@@ -144,3 +144,14 @@ def test_lr_schedules_match_transformers():
         for step in range(40):
             assert abs(opt.param_groups[0]["lr"] - T.lr_factor(cfg, step)) < 1e-12, (kind, step)
             opt.step(), sched.step()
+
+
+def test_plain_lora_without_quantization(tiny, tmp_path):
+    from qlora_mini.lora import LoRALinear
+    cfg = T.load_config("default", {"model": str(tiny), "quantize": False, "lora_r": 4})
+    model = T.build_model(cfg)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(type(m.base) is torch.nn.Linear for m in layers)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    summary = T.main(_args(tiny, tmp_path, "--set", "quantize=false", "--max-steps", "2"))
+    assert summary["step"] == 2 and (tmp_path / "adapter" / "adapter_config.json").is_file()
