@@ -3,7 +3,8 @@ quantized model, PEFT for the LoRA layers, their gradients and the adapter files
 
 Equivalence tests are exact (torch.equal) in float32 and in bfloat16 compute, with one caveat
 about bitsandbytes on CPU: in eval mode, on a CPU with AVX512-BF16, its Linear4bit repacks the
-weight for a fused kernel that multiplies in bfloat16 (whatever the compute dtype); in train mode
+weight for a fused kernel that casts the input and absmax to bfloat16 (whatever the compute
+dtype; bitsandbytes/backends/cpu/ops.py); in train mode
 it dequantizes and calls F.linear, as we do. So exact comparisons put the bitsandbytes model in
 train mode (dropout 0), and the fused path gets its own test with a tolerance.
 """
