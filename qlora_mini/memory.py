@@ -10,7 +10,8 @@ class SavedTensors:
     """Count what autograd saves for backward inside a ``with`` block.
 
     ``nbytes``: bytes of the distinct storages saved, leaving out those of ``exclude`` (modules
-    whose parameters and buffers are resident anyway, or tensors). ``records``: (shape, dtype,
+    whose parameters and buffers are resident anyway, or tensors); ``storages``: those storages,
+    {key: (bytes, shape, dtype) of the first tensor saved on it}. ``records``: (shape, dtype,
     bytes, excluded) per saved tensor, in order. ``new_group()`` closes a group (its bytes go to
     ``groups``) and starts counting afresh: in a backward pass freed memory is reused, so
     storages must be told apart per group (per layer being recomputed, say).
@@ -21,22 +22,22 @@ class SavedTensors:
         for obj in exclude:
             tensors = list(obj.parameters()) + list(obj.buffers()) if isinstance(obj, nn.Module) else [obj]
             self.exclude |= {_storage_key(t) for t in tensors if t is not None}
-        self.seen, self.records, self.nbytes, self.groups = set(), [], 0, []
+        self.storages, self.records, self.nbytes, self.groups = {}, [], 0, []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t):
         key, nbytes = _storage_key(t), t.untyped_storage().nbytes()
         excluded = key in self.exclude
         self.records.append((tuple(t.shape), t.dtype, nbytes, excluded))
-        if not excluded and key not in self.seen:
-            self.seen.add(key)
+        if not excluded and key not in self.storages:
+            self.storages[key] = (nbytes, tuple(t.shape), str(t.dtype))
             self.nbytes += nbytes
         return t
 
     def new_group(self, *_):
         if self.nbytes:
             self.groups.append(self.nbytes)
-        self.seen, self.nbytes = set(), 0
+        self.storages, self.nbytes = {}, 0
 
     def __enter__(self):
         self._hooks.__enter__()

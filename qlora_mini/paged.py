@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import qlora_mini
+from qlora_mini.memory import SavedTensors
 
 CSRC = Path(qlora_mini.__file__).resolve().parent / "csrc"  # paged_alloc.cpp / .cu / .h
 _EXT = None  # the compiled extension, built on first use on a CUDA machine
@@ -17,22 +18,13 @@ _EXT = None  # the compiled extension, built on first use on a CUDA machine
 
 def saved_tensor_bytes(model, **batch) -> dict:
     """Activation memory of one forward pass: the bytes autograd saves for backward (each storage
-    once, the model's weights and buffers excluded). Returns {"total": bytes, "tensors": a list of
-    (bytes, shape, dtype) of the saved storages, largest first}."""
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip and ptr not in saved:
-            saved[ptr] = (t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    once, the model's weights and buffers excluded), counted with chapter 5's ``SavedTensors``.
+    Returns {"total": bytes, "tensors": a list of (bytes, shape, dtype) of the saved storages,
+    largest first}."""
+    with SavedTensors(model) as saved:
         out = model(**batch)
     del out  # frees the graph: we only wanted to count
-    tensors = sorted(saved.values(), reverse=True)
-    return {"total": sum(b for b, _, _ in tensors), "tensors": tensors}
+    return {"total": saved.nbytes, "tensors": sorted(saved.storages.values(), reverse=True)}
 
 
 def load_extension(verbose: bool = False):
