@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import torch
@@ -174,10 +173,44 @@ def _lock(path: Path):
         yield
 
 
-def _build(final: Path, mc, tc, train_texts, heldout_texts, progress):
-    """Tokenizer, pretraining, save_pretrained into a temporary directory, then rename it."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".building-"))
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(final: Path, write) -> None:
+    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which is fsynced and
+    renamed onto `final` with os.replace, so a reader never sees a half-written `final`. An
+    exception in `write` removes the temporary folder; a kill leaves at worst a stale `.tmp-*`
+    folder (ignored, cleaned by the next write). When `final`
+    already exists, the old copy is first moved aside: between those two renames only the `.old-*`
+    copy exists. (Chapter 8's checkpoints reuse this.)"""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for path in [*tmp.rglob("*"), tmp]:  # data on disk before the rename makes it visible
+        _fsync(path)
+    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old aside
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def _build(final: Path, mc, tc, train_texts, heldout_texts, progress):
+    """Tokenizer, pretraining, save_pretrained: all written into `final` atomically."""
+    def write(tmp: Path):
         tokenizer = train_tokenizer(train_texts, mc["vocab_size"])
         model, losses = pretrain(tokenizer, token_stream(tokenizer, train_texts), mc, tc, progress)
         ppl = heldout_perplexity(model, tokenizer, heldout_texts, seq_len=tc["seq_len"])
@@ -185,13 +218,7 @@ def _build(final: Path, mc, tc, train_texts, heldout_texts, progress):
         tokenizer.save_pretrained(tmp)
         info = dict(model_config=mc, train_config=tc, losses=losses, heldout_perplexity=ppl)
         (tmp / "pretraining.json").write_text(json.dumps(info))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: keep its copy
-            if not (final / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_dir(final, write)
 
 
 def resolve(name_or_dir: str | Path) -> str | Path:

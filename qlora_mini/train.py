@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import qlora_mini
 from qlora_mini.data import DEFAULT_DATA, collate, epoch_batches, load_splits, tokenize_example
 from qlora_mini.lora import LoRALinear, load_adapter, prepare_qlora, save_adapter
-from qlora_mini.model import DEFAULT_MODEL, load_model, load_tokenizer
+from qlora_mini.model import DEFAULT_MODEL, atomic_dir, load_model, load_tokenizer
 from qlora_mini.paged import PagedAdamW
 
 CONFIG_DIR = Path(qlora_mini.__file__).resolve().parent / "configs"
@@ -229,34 +229,6 @@ def _test_hook(event: str, step: int) -> None:
     if event == "saved" and os.environ.get("QLORA_MINI_PAUSE_AFTER_SAVE") == str(step):
         print(f"PAUSED after checkpoint-{step}", flush=True)
         time.sleep(600)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_dir(final: Path, write) -> None:
-    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which is fsynced and
-    renamed onto `final` with os.replace. A kill at any moment leaves either the old `final` or
-    the new one, plus at worst a stale `.tmp-*` folder that is ignored and cleaned up."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for path in [*tmp.rglob("*"), tmp]:  # data on disk before the rename makes it visible
-        _fsync(path)
-    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old aside
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync(final.parent)
 
 
 def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg: TrainConfig) -> Path:
