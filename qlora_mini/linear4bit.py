@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qlora_mini.storage import FLOAT_DTYPES, QUANT_TYPES, QuantState4bit, dequantize_4bit, quantize_4bit
+from qlora_mini.storage import (FLOAT_DTYPES, QUANT_TYPES, QuantState4bit, _check_blocksize,
+                                dequantize_4bit, quantize_4bit)
 
 STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")  # tensors of a state
 
@@ -54,8 +55,7 @@ def _check_options(quant_type, blocksize, compute_dtype):
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype!r}")
-    if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+    _check_blocksize(blocksize)                                     # chapter 3's rule
 
 
 class Linear4bit(nn.Module):
