@@ -105,17 +105,7 @@ def blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return scaled.clamp(-1, 1), absmax
 
 
-def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest codebook entry for each value: (n,) float32 → (n,) uint8.
-
-    Sort the code, cut halfway between neighbours, and bucketize; a value exactly on a cut goes
-    to the lower entry (as in bitsandbytes). For FP4 the sorted position maps back to the code.
-    """
-    order = torch.argsort(code)                                           # (k,) int64
-    sorted_code = code[order]
-    cuts = (sorted_code[:-1] + sorted_code[1:]) / 2                       # (k-1,) float32
-    idx = torch.bucketize(scaled, cuts)                                   # (n,) int64, sorted index
-    return order[idx].to(torch.uint8)
+from qlora_mini.quantization import round_to_code  # chapter 1: index of the nearest level
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -143,7 +133,7 @@ def quantize_4bit(W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     code = get_code(quant_type).to(W.device)                              # (16,) float32
     scaled, absmax = blockwise_absmax(W.reshape(-1).float(), blocksize)   # (n,), (n_blocks,)
     scaled = torch.nn.functional.pad(scaled, (0, scaled.numel() % 2))      # even length: a 0 pads
-    packed = pack_nibbles(nearest_code(scaled, code))                     # (ceil(n/2),) uint8
+    packed = pack_nibbles(round_to_code(scaled, code))                     # (ceil(n/2),) uint8
     state = QuantState4bit(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize,
                            quant_type=quant_type, code=code)
     if double_quant:
