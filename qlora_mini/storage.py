@@ -67,6 +67,9 @@ class QuantState4bit:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
+from qlora_mini.quantization import _check_finite, _check_tensor  # chapter 1's input checks
+
+
 def _check_blocksize(blocksize) -> None:
     ok = isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0
     if not ok:
@@ -74,16 +77,12 @@ def _check_blocksize(blocksize) -> None:
 
 
 def _check_weight(W) -> None:
-    """Refuse what would quantize to silent garbage: non-float, empty, NaN or Inf."""
-    if not isinstance(W, torch.Tensor):
-        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
-    if W.dtype not in FLOAT_DTYPES:
+    """Refuse what would quantize to silent garbage: not a 16/32-bit float tensor, empty, NaN or
+    Inf (the last two with chapter 1's checks)."""
+    if isinstance(W, torch.Tensor) and W.dtype not in FLOAT_DTYPES:
         raise TypeError(f"W must be float32, bfloat16 or float16, got {W.dtype}")
-    if W.numel() == 0:
-        raise ValueError(f"W is empty (shape {tuple(W.shape)}): there is nothing to quantize")
-    bad = (~torch.isfinite(W)).sum().item()
-    if bad:
-        raise ValueError(f"W has {bad} NaN/Inf value(s); quantizing them would corrupt their block")
+    _check_tensor(W, "W")
+    _check_finite(W, "W")
 
 
 def blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
