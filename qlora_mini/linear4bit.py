@@ -4,8 +4,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qlora_mini.storage import (FLOAT_DTYPES, QUANT_TYPES, QuantState4bit, _check_blocksize,
-                                dequantize_4bit, quantize_4bit)
+from qlora_mini.storage import (FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState4bit,
+                                _check_blocksize, dequantize_4bit, quantize_4bit, storage_nbytes)
+from qlora_mini.utils import add_to_class, ceil_div
 
 
 STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")  # tensors of a state
@@ -41,12 +42,13 @@ class DequantMatmul4bit(torch.autograd.Function):
 
 def _state_buffer_shapes(numel, blocksize, double_quant):
     """{field: (shape, dtype)} of a QuantState4bit's tensors for a weight of numel values."""
-    n_blocks = -(-numel // blocksize)
+    n_blocks = ceil_div(numel, blocksize)
     if not double_quant:
         return dict(absmax=((n_blocks,), torch.float32), code=((16,), torch.float32))
     return dict(absmax=((n_blocks,), torch.uint8), code=((16,), torch.float32),
-                offset=((), torch.float32), nested_absmax=((-(-n_blocks // 256),), torch.float32),
-                nested_code=((256,), torch.float32))
+                offset=((), torch.float32),
+                nested_absmax=((ceil_div(n_blocks, NESTED_BLOCKSIZE),), torch.float32),
+                nested_code=((2 ** 8,), torch.float32))               # the 8-bit dynamic map
 
 
 def _check_options(quant_type, blocksize, compute_dtype):
@@ -69,7 +71,8 @@ class Linear4bit(nn.Module):
         self.quant_type, self.double_quant, self.blocksize = quant_type, double_quant, blocksize
         self.compute_dtype, self.weight_dtype = compute_dtype, compute_dtype
         numel = in_features * out_features
-        self.register_buffer("packed", torch.empty(-(-numel // 2), dtype=torch.uint8, device=device))
+        packed = torch.empty(ceil_div(numel, 2), dtype=torch.uint8, device=device)
+        self.register_buffer("packed", packed)                     # (numel/2,) uint8
         for name in STATE_FIELDS:
             self.register_buffer(name, None)
         for name, (shape, dtype) in _state_buffer_shapes(numel, blocksize, double_quant).items():
@@ -111,8 +114,9 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.packed, self.state, dtype)
 
 
+@add_to_class(Linear4bit)
 @classmethod
-def _from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                  blocksize=64):
     """A Linear4bit holding linear's weight in 4 bits and a frozen copy of its bias."""
     if not isinstance(linear, nn.Linear):
@@ -126,7 +130,8 @@ def _from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype
     return layer
 
 
-def _forward(self, x):
+@add_to_class(Linear4bit)
+def forward(self, x):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -137,15 +142,14 @@ def _forward(self, x):
     return DequantMatmul4bit.apply(x, bias, self.packed, self.state)  # (..., out) compute dtype
 
 
-def _extra_repr(self):
+@add_to_class(Linear4bit)
+def extra_repr(self):
     return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"quant_type={self.quant_type}, double_quant={self.double_quant}, blocksize={self.blocksize}, "
             f"compute_dtype={self.compute_dtype}")
 
 
-Linear4bit.from_linear, Linear4bit.forward, Linear4bit.extra_repr = _from_linear, _forward, _extra_repr
-
-
+@add_to_class(Linear4bit)
 def _apply(self, fn, recurse=True):
     """nn.Module._apply (behind .to(), .cuda(), .half(), ...), but the 4-bit buffers keep their
     dtypes: a dtype cast moves them to the new device and nothing else."""
@@ -157,31 +161,58 @@ def _apply(self, fn, recurse=True):
     return self
 
 
-Linear4bit._apply = _apply
+def _ends_with(name: str, suffix: str) -> bool:
+    """True when a module's qualified name is ``suffix`` or ends with ``"." + suffix``."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def linear_layer_names(model, target_modules="all-linear", skip=("lm_head",),
+                       types=(nn.Linear, Linear4bit)) -> list[str]:
+    """Qualified names of the linear layers (modules of ``types``) that ``target_modules`` selects:
+    "all-linear" (every one whose name does not end with a name in ``skip``) or a list of name
+    suffixes such as ["q_proj", "v_proj"]. Selecting nothing is an error naming the value."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if target_modules != "all-linear" and (isinstance(target_modules, str) or not (
+            isinstance(target_modules, (list, tuple)) and target_modules
+            and all(isinstance(t, str) for t in target_modules))):
+        raise ValueError('target_modules must be "all-linear" or a non-empty list of module '
+                         f"names, got {target_modules!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, types)
+             and not any(_ends_with(n, s) for s in skip)]
+    if target_modules != "all-linear":
+        names = [n for n in names if any(_ends_with(n, t) for t in target_modules)]
+    if not names:
+        kinds = " or ".join(t.__name__ for t in types)
+        raise ValueError(f"target_modules={target_modules!r} (skip={skip!r}) matched no "
+                         f"{kinds} layer of this {type(model).__name__}")
+    return names
+
+
+def replace_module(model, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule called ``name`` is (in place); returns the old one."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
 
 
 def quantize_model(model, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
                    blocksize=64, skip=("lm_head",)):
     """Replace (in place) every nn.Linear of model whose qualified name does not end with a name in
     skip by a Linear4bit with the same weight and bias; freeze everything. Returns model."""
-    if isinstance(skip, str):
-        skip = (skip,)
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), quant_type, double_quant,
-                                                      compute_dtype, blocksize))
+    for name in linear_layer_names(model, "all-linear", skip, types=(nn.Linear,)):
+        linear = model.get_submodule(name)
+        replace_module(model, name, Linear4bit.from_linear(
+            linear, quant_type, double_quant, compute_dtype, blocksize))
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
 def linear4bit_nbytes(in_features, out_features, blocksize=64, double_quant=True):
-    """Bytes of a Linear4bit's buffers (codes, constants and per-layer codebooks), without the
-    bias: what quantize_model puts in memory per layer. Tested against real layers."""
-    numel = in_features * out_features
-    shapes = _state_buffer_shapes(numel, blocksize, double_quant).values()
-    return -(-numel // 2) + sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
-                                for s, d in shapes)
+    """Bytes of a Linear4bit's buffers without the bias: chapter 3's storage_nbytes (codes and
+    constants) plus the two codebooks each layer carries (16 and, when double quantized, 256
+    float32 levels). What quantize_model puts in memory per layer; tested against real layers."""
+    codebooks = 4 * (16 + (2 ** 8 if double_quant else 0))
+    return storage_nbytes(in_features * out_features, blocksize, double_quant) + codebooks

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from qlora_mini.linear4bit import linear4bit_nbytes
+from qlora_mini.linear4bit import linear4bit_nbytes, linear_layer_names
+from qlora_mini.utils import ceil_div
 
 
 class SavedTensors:
@@ -53,6 +54,16 @@ def _storage_key(t):
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
+def saved_tensor_bytes(model, **batch) -> dict:
+    """Activation memory of one forward pass of ``model(**batch)``: the bytes autograd saves for
+    backward (each storage once, the model's weights and buffers excluded). Returns {"total":
+    bytes, "tensors": (bytes, shape, dtype) of the saved storages, largest first}."""
+    with SavedTensors(model) as saved:
+        out = model(**batch)
+    del out  # frees the graph: we only wanted to count
+    return {"total": saved.nbytes, "tensors": sorted(saved.storages.values(), reverse=True)}
+
+
 GB = 1e9  # the paper's GB (780 GB for 65B = 65.29e9 params x 12 B)
 
 # The shapes of the four LLaMA-1 models (Touvron et al. 2023); vocabulary 32,000.
@@ -88,8 +99,9 @@ class ParamCount:
 
 def count_parameters(model, skip=("lm_head",)) -> ParamCount:
     """Count a model's parameters (works on the meta device)."""
-    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)]
+    names = linear_layer_names(model, "all-linear", skip, types=(nn.Linear,))
+    shapes = [(model.get_submodule(n).in_features, model.get_submodule(n).out_features)
+              for n in names]
     total = sum(p.numel() for p in model.parameters())
     linear = sum(i * o for i, o in shapes)
     return ParamCount(total, linear, total - linear, shapes)
@@ -147,7 +159,7 @@ def qlora_memory(config, batch_size=1, seq_len=512, r=64, double_quant=True, blo
     '16-bit weights' also holds the model's buffers (rotary tables) at their own dtype."""
     model = meta_model(config) if model is None else model
     pc = count_parameters(model, skip)
-    packed = sum(-(-i * o // 2) for i, o in pc.linear_shapes)
+    packed = sum(ceil_div(i * o, 2) for i, o in pc.linear_shapes)    # two codes a byte
     consts = sum(linear4bit_nbytes(i, o, blocksize, double_quant) for i, o in pc.linear_shapes) - packed
     lora = sum(r * (i + o) for i, o in pc.linear_shapes)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
