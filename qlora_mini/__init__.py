@@ -13,10 +13,23 @@ __version__ = "0.1.0"
 from .quantization import dequantize_blockwise, quantize_blockwise  # noqa: E402  (chapter 1)
 from .codebooks import get_code  # noqa: E402  (chapter 2)
 from .storage import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402  (chapter 3)
-from . import kernels  # noqa: E402  (chapter 4: the CUDA kernel, kernels.available(), kernels.active_path())
+from . import kernels  # noqa: E402  (chapter 4: registers the compiled paths with storage)
 from .linear4bit import Linear4bit, linear4bit_nbytes, quantize_model  # noqa: E402  (chapter 5)
+from .memory import (SavedTensors, activation_bytes, count_parameters,  # noqa: E402  (chapter 5)
+                     full_finetune_memory, qlora_memory, saved_tensor_bytes)
 from .model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402  (chapter 6: the default model)
-from .lora import LoRALinear, load_adapter, prepare_qlora, save_adapter, trainable_parameters  # noqa: E402  (chapter 6)
-from .memory import SavedTensors, activation_bytes, count_parameters, full_finetune_memory, qlora_memory  # noqa: E402  (chapter 5)
+from .lora import (LoRALinear, load_adapter, merge_qlora, prepare_qlora,  # noqa: E402  (chapter 6)
+                   save_adapter, trainable_parameters)
 from .paged import PagedAdamW  # noqa: E402  (chapter 7)
 from .data import DEFAULT_DATA, load_splits, stdlib_qa  # noqa: E402  (chapter 8; train/evaluate are commands: python -m qlora_mini.train)
+
+__all__ = [
+    "dequantize_blockwise", "quantize_blockwise", "get_code",
+    "QuantState4bit", "dequantize_4bit", "quantize_4bit", "kernels",
+    "Linear4bit", "linear4bit_nbytes", "quantize_model",
+    "SavedTensors", "activation_bytes", "count_parameters", "full_finetune_memory",
+    "qlora_memory", "saved_tensor_bytes",
+    "DEFAULT_MODEL", "load_model", "load_tokenizer",
+    "LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "save_adapter",
+    "trainable_parameters", "PagedAdamW", "DEFAULT_DATA", "load_splits", "stdlib_qa",
+]

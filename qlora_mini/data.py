@@ -156,13 +156,23 @@ def load_splits(source: str = DEFAULT_DATA, fmt: str = "auto", eval_fraction: fl
     return convert(train, "train"), convert(held, "eval")
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """[bos] for tokenizers that have a beginning-of-sequence token (LLaMA's), else []."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The padding id: the tokenizer's pad token, or its eos token when it has none (LLaMA's
+    tokenizer has none; padding positions are masked out of the loss anyway)."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def tokenize_example(tokenizer, ex: dict, source_max_len: int = 16, target_max_len: int = 512,
                      train_on_source: bool = False) -> dict:
     """input_ids = [bos] + input (<= source_max_len) + output + [eos] (<= target_max_len);
     labels are IGNORE_INDEX over the source unless train_on_source (as the reference does)."""
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    source = (bos + encode(ex["input"]))[:source_max_len]
+    source = (bos_ids(tokenizer) + encode(ex["input"]))[:source_max_len]
     target = (encode(ex["output"]) + [tokenizer.eos_token_id])[:target_max_len]
     labels = source + target if train_on_source else [IGNORE_INDEX] * len(source) + target
     return {"input_ids": source + target, "labels": labels}

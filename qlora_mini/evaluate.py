@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_mini.data import IGNORE_INDEX, collate, guanaco_prompt, stdlib_qa
+from qlora_mini.data import IGNORE_INDEX, bos_ids, collate, guanaco_prompt, pad_token_id, stdlib_qa
 
 
 CHOICES = ("A", "B", "C", "D")
@@ -75,7 +75,7 @@ def mcq_accuracy(model, tokenizer, folder, k: int = 5, limit: int | None = None)
     model.eval()
     letter_ids = [tokenizer.encode(" " + c, add_special_tokens=False)[-1] for c in CHOICES]
     max_len = getattr(model.config, "max_position_embeddings", 2048)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     scores, n = {}, 0
     for subject, split in read_mcq_dir(folder).items():
         correct = []
@@ -127,10 +127,9 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
     """Greedy answer to `question` in the Guanaco prompt format, cut at the next '### Human'."""
     was_training = model.training
     model.eval()
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = torch.tensor([bos + tokenizer.encode(guanaco_prompt(question), add_special_tokens=False)],
-                       device=model.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt = tokenizer.encode(guanaco_prompt(question), add_special_tokens=False)
+    ids = torch.tensor([bos_ids(tokenizer) + prompt], device=model.device)  # (1, T)
+    pad = pad_token_id(tokenizer)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=pad,
                          eos_token_id=tokenizer.eos_token_id)
@@ -171,7 +170,7 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tokenizer, model = load_tokenizer(args.model), load_for_eval(args.model, args.adapter)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     result = {"heldout": eval_loss(model, [tokenize_example(tokenizer, r) for r in held], pad_id)}
     if args.mcq:
         result["mcq"] = mcq_accuracy(model, tokenizer, args.mcq, k=args.k)

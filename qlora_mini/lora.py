@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qlora_mini.linear4bit import Linear4bit, quantize_model
+from qlora_mini.linear4bit import Linear4bit, linear_layer_names, quantize_model, replace_module
+from qlora_mini.utils import add_to_class
 
 
 class LoRALinear(nn.Module):
@@ -41,30 +42,34 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
 
 
-def _lora_forward(self, x):
+@add_to_class(LoRALinear)
+def forward(self, x):
     y = self.base(x).to(x.dtype)                       # (..., out) computed in compute dtype
     x = x.to(self.lora_A.weight.dtype)                 # (..., in) float32
     h = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out) float32
     return y + h.to(y.dtype)
 
 
-LoRALinear.forward = _lora_forward
+def add_lora(model, targets: list[str], r: int = 64, alpha: float = 16,
+             dropout: float = 0.05) -> None:
+    """Wrap each named linear layer of ``model`` in a LoRALinear, in place. The new modules take
+    the model's train/eval mode (so a model in eval mode gets no dropout)."""
+    for name in targets:
+        lora = LoRALinear(model.get_submodule(name), r, alpha, dropout)
+        replace_module(model, name, lora.train(model.training))
 
 
-def _linear_names(model, target_modules, skip=("lm_head",)) -> list[str]:
-    """Qualified names of the linear layers (nn.Linear or Linear4bit) that target_modules selects:
-    "all-linear" (all but lm_head) or a list of name suffixes such as ["q_proj", "v_proj"]."""
-    if target_modules != "all-linear" and (isinstance(target_modules, str)
-                                           or not all(isinstance(t, str) for t in target_modules)):
-        raise ValueError(f'target_modules must be "all-linear" or a list of module names, got {target_modules!r}')
-    matches = lambda name, s: name == s or name.endswith("." + s)  # noqa: E731
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit))
-             and not any(matches(n, s) for s in skip)]
-    if target_modules != "all-linear":
-        names = [n for n in names if any(matches(n, t) for t in target_modules)]
-        if not names:
-            raise ValueError(f"target_modules {target_modules!r} matched no linear layer")
-    return names
+def enable_gradient_checkpointing(model) -> None:
+    """Reentrant gradient checkpointing (the reference's) on a transformers model, with input
+    gradients on, so that adapters inside a checkpointed layer get theirs; no KV cache."""
+    model.enable_input_require_grads()           # reentrant checkpointing needs a grad input
+    kwargs = {"use_reentrant": True}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False               # a KV cache is useless while training
 
 
 def _output_in_input_dtype(module, args, output):
@@ -79,27 +84,21 @@ def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
     (all of them, or those whose names end with a name in target_modules) get a LoRALinear around
     it. Like PEFT's prepare_model_for_kbit_training: everything else frozen, non-quantized
     fp16/bf16 parameters cast to float32, input gradients and gradient checkpointing on."""
-    targets = _linear_names(model, target_modules)   # validate before changing anything
+    if any(isinstance(m, (LoRALinear, Linear4bit)) for m in model.modules()):
+        raise ValueError("model is already quantized or has LoRA adapters: prepare_qlora takes a "
+                         "model fresh from from_pretrained (to change adapters, load a new one)")
+    targets = linear_layer_names(model, target_modules)  # validate before changing anything
     quantize_model(model, quant_type, double_quant, compute_dtype)  # also freezes every parameter
     for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()                   # norms, embeddings, lm_head: float32
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    add_lora(model, targets, r, alpha, dropout)
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     for m in model.modules():                          # 4-bit layers without an adapter return
         if isinstance(m, Linear4bit) and id(m) not in wrapped:  # their input's dtype too
             m.register_forward_hook(_output_in_input_dtype)
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()             # reentrant checkpointing needs a grad input
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": True})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.config.use_cache = False                 # a KV cache is useless while training
+        enable_gradient_checkpointing(model)
     return model
 
 
@@ -179,18 +178,21 @@ def load_adapter(model, directory, **prepare_options):
     return model
 
 
+@add_to_class(LoRALinear)
 @torch.no_grad()
-def _delta_weight(self) -> torch.Tensor:
+def delta_weight(self) -> torch.Tensor:
     """scaling * B @ A: the (out_features, in_features) float32 update LoRA adds to W."""
     return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
 
-def _base_weight(self, dtype=torch.float32) -> torch.Tensor:
+@add_to_class(LoRALinear)
+def base_weight(self, dtype=torch.float32) -> torch.Tensor:
     return self.base.dequantize(dtype) if isinstance(self.base, Linear4bit) else self.base.weight.to(dtype)
 
 
+@add_to_class(LoRALinear)
 @torch.no_grad()
-def _merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
+def merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
     """A plain nn.Linear with W' = dequantize(W) + scaling * B @ A, summed in float32 and stored in
     dtype: the merge PEFT recommends for a 4-bit base (then quantize again, or don't)."""
     W = self.base_weight(torch.float32) + self.delta_weight()   # (out, in) float32
@@ -203,8 +205,9 @@ def _merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
     return merged.requires_grad_(False)
 
 
+@add_to_class(LoRALinear)
 @torch.no_grad()
-def _merge_to_4bit(self, **quant_options) -> Linear4bit:
+def merge_to_4bit(self, **quant_options) -> Linear4bit:
     """Quantize dequantize(W) + scaling * B @ A into a new Linear4bit (what merging into a 4-bit
     base does): the update survives only where it moves a weight across a rounding boundary."""
     b = self.base
@@ -213,20 +216,15 @@ def _merge_to_4bit(self, **quant_options) -> Linear4bit:
     return Linear4bit.from_linear(self.merge_to_16bit(torch.float32), **{**options, **quant_options})
 
 
-LoRALinear.delta_weight, LoRALinear.base_weight = _delta_weight, _base_weight
-LoRALinear.merge_to_16bit, LoRALinear.merge_to_4bit = _merge_to_16bit, _merge_to_4bit
-
-
 def merge_qlora(model, dtype=torch.bfloat16, quantize: bool = False):
     """Replace every LoRALinear of model by its merged layer, in place: an nn.Linear in dtype
     (quantize=False, the exact merge; the model's activations must then be in dtype too, e.g.
     model.to(dtype)) or a re-quantized Linear4bit (quantize=True). Returns model."""
     for name, layer in lora_layers(model).items():
-        parent, _, child = name.rpartition(".")
         if quantize:
             merged = layer.merge_to_4bit()
             merged.register_forward_hook(_output_in_input_dtype)  # like the layer it replaces
         else:
             merged = layer.merge_to_16bit(dtype)
-        setattr(model.get_submodule(parent), child, merged)
+        replace_module(model, name, merged)
     return model

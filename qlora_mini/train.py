@@ -4,142 +4,48 @@
 import argparse
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import sys
-import time
-import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import qlora_mini
-from qlora_mini.data import DEFAULT_DATA, collate, epoch_batches, load_splits, tokenize_example
-from qlora_mini.lora import LoRALinear, load_adapter, prepare_qlora, save_adapter
-from qlora_mini.model import DEFAULT_MODEL, atomic_dir, load_model, load_tokenizer
+from qlora_mini.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from qlora_mini.config import TrainConfig, load_config, presets
+from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
+from qlora_mini.evaluate import eval_loss
+from qlora_mini.linear4bit import linear_layer_names
+from qlora_mini.lora import add_lora, enable_gradient_checkpointing, prepare_qlora, save_adapter
+from qlora_mini.model import atomic_dir, load_model, load_tokenizer
 from qlora_mini.paged import PagedAdamW
-
-
-CONFIG_DIR = Path(qlora_mini.__file__).resolve().parent / "configs"
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run; the YAML presets in qlora_mini/configs set these keys and no others."""
-    model: str = DEFAULT_MODEL         # hub id or local directory
-    data: str = DEFAULT_DATA           # hub dataset id or local .json/.jsonl/.csv
-    output: str = "runs/guanaco"
-    dataset_format: str = "auto"       # auto | oasst | alpaca | input-output
-    eval_fraction: float = 0.1         # held out from a local file without an eval split
-    max_eval_samples: typing.Optional[int] = 1000
-    source_max_len: int = 16
-    target_max_len: int = 512
-    train_on_source: bool = False      # False: loss on the targets only (prompt labels -100)
-    group_by_length: bool = True
-    quantize: bool = True              # False: plain LoRA on a 16/32-bit base
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: typing.Union[str, list] = "all-linear"
-    optim: str = "paged_adamw_32bit"   # paged_adamw_32bit | adamw_torch
-    learning_rate: float = 2e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    lr_scheduler_type: str = "constant"  # constant | constant_with_warmup | linear | cosine
-    warmup_ratio: float = 0.03
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 16
-    max_steps: int = 1875
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 250
-    eval_steps: int = 0                # 0: evaluate only at the end
-    save_total_limit: typing.Optional[int] = None
-
-
-def presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def _coerce(key: str, value, where: str):
-    """Check a config key exists and convert its value to the field's type, or raise naming it."""
-    hints = typing.get_type_hints(TrainConfig)
-    if key not in hints:
-        raise ValueError(f"{where}: unknown config key {key!r}; known keys: {', '.join(hints)}")
-    kind = hints[key]
-    if typing.get_origin(kind) is typing.Union:
-        if value is None and type(None) in typing.get_args(kind):
-            return None
-        if list in typing.get_args(kind) and isinstance(value, list):
-            return [str(v) for v in value]
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
-            raise TypeError
-        return kind(int(float(value)) if kind is int else value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: {key}={value!r} is not a valid {kind.__name__}") from None
-
-
-def load_config(config: str = "default", overrides: dict | None = None) -> TrainConfig:
-    """A preset name (qlora_mini/configs/NAME.yaml) or a YAML path, then `overrides` on top."""
-    path = Path(config) if Path(config).is_file() else CONFIG_DIR / f"{config}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"config {config!r}: no such file and no such preset "
-                                f"(presets: {', '.join(presets())})")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
-    values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
-    values.update({k: _coerce(k, v, "command line") for k, v in (overrides or {}).items()})
-    return TrainConfig(**values)
+from qlora_mini.plotting import figure
 
 
 def build_model(cfg: TrainConfig):
     """Load the base model, add LoRA adapters (on a 4-bit base unless quantize=False); on a CUDA
     machine the prepared model moves to the GPU."""
     model = load_model(cfg.model)
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     if cfg.quantize:
-        prepare_qlora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, quant_type=cfg.quant_type,
-                      double_quant=cfg.double_quant, compute_dtype=getattr(torch, cfg.compute_dtype),
-                      gradient_checkpointing=False)  # switched on below, the same way for both paths
-    else:  # plain LoRA on every nn.Linear but lm_head (or the listed suffixes)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, mod in list(model.named_modules()):
-            wanted = (cfg.target_modules == "all-linear" and not name.endswith("lm_head")) or (
-                isinstance(cfg.target_modules, list) and name.split(".")[-1] in cfg.target_modules)
-            if isinstance(mod, torch.nn.Linear) and wanted:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child,
-                        LoRALinear(mod, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
+        prepare_qlora(model, **lora, target_modules=cfg.target_modules,
+                      quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                      compute_dtype=getattr(torch, cfg.compute_dtype),
+                      gradient_checkpointing=cfg.gradient_checkpointing)
+    else:  # plain LoRA: the same layers on the 16/32-bit base, everything else frozen
+        model.requires_grad_(False)
+        add_lora(model, linear_layer_names(model, cfg.target_modules), **lora)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
     model.config.use_cache = False
     if torch.cuda.is_available():  # quantized on the CPU above, so only 4-bit weights move
         model.cuda()
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
@@ -174,104 +80,6 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
                      "linear, cosine")
 
 
-def _optimizer_to_files(opt, folder: Path) -> None:
-    """Optimizer state: tensors to safetensors, everything else (steps, param groups) to JSON."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    save_file(tensors, folder / "optimizer.safetensors")
-    (folder / "optimizer.json").write_text(json.dumps(
-        {"param_groups": sd["param_groups"], "scalars": scalars}, indent=1))
-
-
-def _optimizer_from_files(opt, folder: Path) -> None:
-    meta = json.loads((folder / "optimizer.json").read_text())
-    state: dict = {}
-    for key, v in list(load_file(folder / "optimizer.safetensors").items()) + list(
-            meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _rng_state() -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    py = random.getstate()
-    return tensors, {"python": [py[0], list(py[1]), py[2]],
-                     "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
-
-
-def _set_rng_state(tensors: dict, scalars: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available() and "cuda0" in tensors:
-        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count())])
-    v, keys, gauss = scalars["python"]
-    random.setstate((v, tuple(keys), gauss))
-    name, keys, pos, has_gauss, cached = scalars["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _test_hook(event: str, step: int) -> None:
-    """Fault injection for tests: QLORA_MINI_KILL_DURING_SAVE=N SIGKILLs this process halfway
-    through writing checkpoint N; QLORA_MINI_PAUSE_AFTER_SAVE=N stops after checkpoint N is
-    written (so that a test can SIGKILL it there)."""
-    if event == "mid-save" and os.environ.get("QLORA_MINI_KILL_DURING_SAVE") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if event == "saved" and os.environ.get("QLORA_MINI_PAUSE_AFTER_SAVE") == str(step):
-        print(f"PAUSED after checkpoint-{step}", flush=True)
-        time.sleep(600)
-
-
-def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg: TrainConfig) -> Path:
-    """checkpoint-N/: adapter/ (PEFT files), optimizer.{safetensors,json}, rng.safetensors and
-    trainer_state.json (step, data position, scheduler, python/numpy RNG, config)."""
-    step = state["step"]
-
-    def write(tmp: Path):
-        save_adapter(model, tmp / "adapter")
-        _test_hook("mid-save", step)
-        _optimizer_to_files(opt, tmp)
-        rng_tensors, rng_scalars = _rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {**state, "scheduler": sched_state, "rng": rng_scalars, "config": asdict(cfg)}))
-
-    final = out / f"checkpoint-{step}"
-    atomic_dir(final, write)
-    if cfg.save_total_limit:
-        for old in checkpoints(out)[:-cfg.save_total_limit]:
-            shutil.rmtree(old)
-    _test_hook("saved", step)
-    return final
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in `out`, oldest first (temporary folders are never listed)."""
-    found = [p for p in Path(out).glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def load_checkpoint(folder: Path, model, opt, sched) -> dict:
-    """Restore adapters, optimizer, scheduler and RNG from `folder`; returns the trainer state."""
-    state = json.loads((folder / "trainer_state.json").read_text())
-    load_adapter(model, folder / "adapter")
-    _optimizer_from_files(opt, folder)
-    sched.load_state_dict({**state.pop("scheduler"), "lr_lambdas": [None] * len(opt.param_groups)})
-    _set_rng_state(load_file(folder / "rng.safetensors"), state.pop("rng"))
-    state.pop("config")
-    return state
-
-
 def _micro_batch(k: int, examples, lengths, cfg: TrainConfig, pad_id: int, cache: dict) -> dict:
     """The k-th micro-batch of the run: epoch and position follow from k alone."""
     n_batches = math.ceil(len(examples) / cfg.per_device_train_batch_size)
@@ -289,7 +97,6 @@ def _write_log(out: Path, records: list[dict]) -> None:
 
 def plot_loss(records: list[dict], path=None):
     """Training (and eval) loss against the optimizer step; saved as PNG when `path` is given."""
-    from qlora_mini.plotting import figure
     fig, ax = figure("optimizer step", "loss (nats/token)", "QLoRA finetuning")
     train = [r for r in records if "loss" in r]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
@@ -302,74 +109,123 @@ def plot_loss(records: list[dict], path=None):
     return fig
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or, with resume, continue from the latest checkpoint in cfg.output) the recipe.
-    Returns {"step", "loss", "eval_loss", "eval_ppl", "output"}."""
-    from qlora_mini.evaluate import eval_loss
-    out = Path(cfg.output)
+@dataclass
+class Run:
+    """What the loop touches, built once by `setup_run` and advanced by `train_step`."""
+    cfg: TrainConfig
+    out: Path
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    train_ex: list
+    eval_ex: list
+    pad_id: int
+    state: dict                      # {"step", "microbatch"}: all a resume needs besides files
+    records: list                    # one dict per optimizer step, as log.jsonl holds them
+    cache: dict = field(default_factory=dict)  # the current epoch's batch order
+
+    @property
+    def params(self) -> list:
+        return [p for group in self.opt.param_groups for p in group["params"]]
+
+
+def _prepare_output(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob(".tmp-*"), *out.glob(".old-*")]:  # left by a kill during a save
         shutil.rmtree(stale, ignore_errors=True)
     if not resume and checkpoints(out):
-        warnings.warn(f"{out} holds checkpoints of an earlier run; starting afresh (pass --resume "
-                      "to continue it instead)", stacklevel=2)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        warnings.warn(f"{out} holds checkpoints of an earlier run; starting afresh (pass "
+                      "--resume to continue it instead)", stacklevel=3)
+
+
+def _examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
+    """The tokenized training and held-out examples of cfg.data."""
     train_recs, eval_recs = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
-    tokenizer, model = load_tokenizer(cfg.model), build_model(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tok = lambda r: tokenize_example(tokenizer, r, cfg.source_max_len, cfg.target_max_len,
                                      cfg.train_on_source)
-    train_ex, eval_ex = [tok(r) for r in train_recs], [tok(r) for r in eval_recs]
-    eval_ex = eval_ex[:cfg.max_eval_samples] if cfg.max_eval_samples else eval_ex
-    lengths = [len(e["input_ids"]) for e in train_ex]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
+    eval_ex = [tok(r) for r in eval_recs]
+    return [tok(r) for r in train_recs], eval_ex[:cfg.max_eval_samples or None]
+
+
+def setup_run(cfg: TrainConfig, resume: bool = False) -> Run:
+    """Seed, load data, tokenizer and model, build the optimizer and schedule; with resume, load
+    the newest checkpoint in cfg.output and the log lines up to it."""
+    out = Path(cfg.output)
+    _prepare_output(out, resume)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train_ex, eval_ex = _examples(cfg, tokenizer)
+    model = build_model(cfg)
+    opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    state, records = {"step": 0, "microbatch": 0}, []
+    run = Run(cfg, out, model, opt, sched, train_ex, eval_ex, pad_token_id(tokenizer),
+              {"step": 0, "microbatch": 0}, [])
     found = checkpoints(out) if resume else []
     if found:
-        state = load_checkpoint(found[-1], model, opt, sched)
+        run.state = load_checkpoint(found[-1], model, opt, sched)
         if (out / "log.jsonl").exists():  # drop what was logged after that checkpoint
-            records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-            records = [r for r in records if r["step"] <= state["step"]]
+            lines = (out / "log.jsonl").read_text().splitlines()
+            run.records = [r for r in map(json.loads, lines) if r["step"] <= run.state["step"]]
     (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    model.train()
-    cache: dict = {}
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not progress, desc="train")
-    while state["step"] < cfg.max_steps:
-        loss_sum = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = _micro_batch(state["microbatch"], train_ex, lengths, cfg, pad_id, cache)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            state["microbatch"] += 1
-            loss = model(**batch).loss  # mean over the micro-batch's label tokens
-            (loss / cfg.gradient_accumulation_steps).backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        lr = opt.param_groups[0]["lr"]
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        rec = {"step": state["step"], "loss": loss_sum / cfg.gradient_accumulation_steps,
-               "lr": lr, "grad_norm": float(grad_norm),
-               "epoch": state["microbatch"] * cfg.per_device_train_batch_size / len(train_ex)}
-        last = state["step"] == cfg.max_steps
-        if eval_ex and ((cfg.eval_steps and state["step"] % cfg.eval_steps == 0) or last):
-            rec.update({f"eval_{k}": v for k, v in eval_loss(model, eval_ex, pad_id).items()})
-            model.train()
-        records.append(rec)
-        _write_log(out, records)
+    return run
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step: accumulate the gradients of gradient_accumulation_steps micro-batches,
+    clip, step the optimizer and the schedule. Returns the step's log record."""
+    cfg, state, lengths = run.cfg, run.state, [len(e["input_ids"]) for e in run.train_ex]
+    loss_sum = 0.0
+    for _ in range(cfg.gradient_accumulation_steps):
+        batch = _micro_batch(state["microbatch"], run.train_ex, lengths, cfg, run.pad_id,
+                             run.cache)
+        batch = {k: v.to(run.model.device) for k, v in batch.items()}  # (B, T) long each
+        state["microbatch"] += 1
+        loss = run.model(**batch).loss  # mean over the micro-batch's label tokens
+        (loss / cfg.gradient_accumulation_steps).backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
+    lr = run.opt.param_groups[0]["lr"]
+    run.opt.step(), run.sched.step(), run.opt.zero_grad(set_to_none=True)
+    state["step"] += 1
+    return {"step": state["step"], "loss": loss_sum / cfg.gradient_accumulation_steps,
+            "lr": lr, "grad_norm": float(grad_norm),
+            "epoch": state["microbatch"] * cfg.per_device_train_batch_size / len(run.train_ex)}
+
+
+def _evaluate_log_save(run: Run, rec: dict) -> None:
+    """After a step: held-out loss when due, the log line, a checkpoint when due."""
+    cfg, step = run.cfg, run.state["step"]
+    last = step == cfg.max_steps
+    if run.eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last):
+        rec.update({f"eval_{k}": v for k, v in eval_loss(run.model, run.eval_ex,
+                                                         run.pad_id).items()})
+        run.model.train()
+    run.records.append(rec)
+    _write_log(run.out, run.records)
+    if (cfg.save_steps and step % cfg.save_steps == 0) or last:
+        save_checkpoint(run.out, run.model, run.opt, run.sched, run.state, cfg)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or, with resume, continue from the latest checkpoint in cfg.output) the recipe.
+    Returns {"step", "loss", "eval_loss", "eval_ppl", "output"}."""
+    run = setup_run(cfg, resume)
+    run.model.train()
+    bar = tqdm(total=cfg.max_steps, initial=run.state["step"], disable=not progress,
+               desc="train")
+    while run.state["step"] < cfg.max_steps:
+        rec = train_step(run)
+        _evaluate_log_save(run, rec)
         bar.update(1)
-        if state["step"] % max(1, cfg.logging_steps) == 0 or last:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
-        if (cfg.save_steps and state["step"] % cfg.save_steps == 0) or last:
-            save_checkpoint(out, model, opt, sched, state, cfg)
+        if rec["step"] % max(1, cfg.logging_steps) == 0 or rec["step"] == cfg.max_steps:
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
     bar.close()
-    atomic_dir(out / "adapter", lambda tmp: save_adapter(model, tmp))
-    import matplotlib.pyplot as plt
-    plt.close(plot_loss(records, out / "loss.png"))
-    final = records[-1] if records else {}
-    return {"step": state["step"], "loss": final.get("loss"), "eval_loss": final.get("eval_loss"),
-            "eval_ppl": final.get("eval_perplexity"), "output": str(out)}
+    atomic_dir(run.out / "adapter", lambda tmp: save_adapter(run.model, tmp))
+    plt.close(plot_loss(run.records, run.out / "loss.png"))
+    final = run.records[-1] if run.records else {}
+    return {"step": run.state["step"], "loss": final.get("loss"),
+            "eval_loss": final.get("eval_loss"), "eval_ppl": final.get("eval_perplexity"),
+            "output": str(run.out)}
 
 
 def _parse_set(items: list[str]) -> dict:
