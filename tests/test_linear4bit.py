@@ -213,3 +213,52 @@ def test_dtype_casts_keep_the_quantized_weight():
         assert torch.equal(layer.dequantize(torch.float32), W)
     assert layer.bias.dtype == torch.float16           # the bias is an ordinary parameter
     assert layer(torch.randn(2, 128)).dtype == torch.bfloat16
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj, self.up = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(8)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.lm_head = nn.Linear(8, 10)
+
+
+def test_linear_layer_names_selects_by_suffix_and_skips_lm_head():
+    from qlora_mini.linear4bit import linear_layer_names
+    net = _Net()
+    every = [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert linear_layer_names(net) == every                          # "all-linear"
+    assert linear_layer_names(net, ["q_proj"]) == ["layers.0.q_proj", "layers.1.q_proj"]
+    assert linear_layer_names(net, ["1.up"]) == ["layers.1.up"]     # a dotted suffix
+    assert "lm_head" in linear_layer_names(net, skip=())
+    with pytest.raises(ValueError, match="matched no"):             # a suffix, not a substring
+        linear_layer_names(net, ["proj"])
+
+
+@pytest.mark.parametrize("bad", ["q_proj", [], [3], None])
+def test_linear_layer_names_rejects_bad_values(bad):
+    from qlora_mini.linear4bit import linear_layer_names
+    with pytest.raises(ValueError, match="target_modules"):
+        linear_layer_names(_Net(), bad)
+
+
+def test_nothing_to_quantize_is_an_error_naming_the_value():
+    with pytest.raises(ValueError, match=r"target_modules='all-linear'.*matched no Linear layer"):
+        quantize_model(nn.Sequential(nn.ReLU()))
+
+
+def test_replace_module_puts_the_new_module_in_place():
+    from qlora_mini.linear4bit import replace_module
+    net = _Net()
+    old, new = net.layers[1].up, nn.Identity()
+    assert replace_module(net, "layers.1.up", new) is old
+    assert net.get_submodule("layers.1.up") is new and net.layers[0].up is not new
+    top = nn.Linear(2, 2)
+    replace_module(net, "lm_head", top)
+    assert net.lm_head is top

@@ -255,3 +255,43 @@ def test_merge_16bit_is_exact_and_4bit_is_not(model_dir, tokens):
             assert not lora_layers(merged)
             errors.append((merged(input_ids=tokens).logits - ref).abs().max().item())
     assert errors[0] < 1e-4 and errors[1] > 10 * errors[0]
+
+
+def test_prepare_qlora_refuses_a_prepared_model(model_dir):
+    model = ours(model_dir)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="already quantized or has LoRA adapters"):
+        prepare_qlora(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before   # nothing half-applied
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_new_adapters_follow_the_models_mode(model_dir, tokens, mode):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=F32)
+    getattr(model, mode)()
+    prepare_qlora(model, r=R, dropout=0.5, compute_dtype=F32, gradient_checkpointing=False)
+    assert all(m.training == (mode == "train") for m in model.modules())
+    if mode == "eval":                                  # no dropout: two calls agree exactly
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, model(tokens).logits)
+
+
+def _checkpoint_kwargs(model):
+    """The keyword arguments transformers passes to torch.utils.checkpoint, read off the model."""
+    layer = model.model.layers[0]
+    fn = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(fn, "keywords", None)
+
+
+def test_one_checkpointing_setting_for_qlora_and_plain_lora(model_dir, tmp_path):
+    from qlora_mini import train as T
+    cfgs = {q: T.TrainConfig(model=str(model_dir), quantize=q, lora_r=4, compute_dtype="float32")
+            for q in (True, False)}
+    models = {q: T.build_model(c) for q, c in cfgs.items()}
+    kwargs = {q: _checkpoint_kwargs(m) for q, m in models.items()}
+    assert kwargs[True] is not None and kwargs[True] == kwargs[False]
+    assert kwargs[True].get("use_reentrant") is True                 # the reference's setting
+    for m in models.values():                                       # adapters still get gradients
+        x = torch.randint(0, 256, (1, 8))
+        m.train()(input_ids=x, labels=x).loss.backward()
+        assert all(l.lora_B.weight.grad is not None for l in lora_layers(m).values())

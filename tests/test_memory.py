@@ -17,8 +17,11 @@ def llama65():
 
 def test_llama_65b_counts(llama65):
     c = count_parameters(llama65)
-    assert round(c.total / 1e9, 3) == 65.286          # REFERENCE.md
-    assert round(c.linear / 1e9, 3) == 64.760
+    h, i, L, V = 8192, 22016, 80, 32000               # LLaMA-65B (Touvron et al. 2023, Table 2)
+    linear = L * (4 * h * h + 3 * h * i)               # q, k, v, o and gate, up, down per layer
+    assert c.linear == linear                          # 64.760e9
+    assert c.total == linear + 2 * V * h + (2 * L + 1) * h  # + embeddings, head, RMSNorm weights
+    assert round(c.total / 1e9, 3) == 65.286          # the "65B" of the model's name
     assert len(c.linear_shapes) == 80 * 7
     assert all(p.is_meta for p in llama65.parameters())
 

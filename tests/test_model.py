@@ -30,7 +30,8 @@ def test_corpus_split_is_fixed_and_disjoint():
 def test_cached_dir_has_transformers_files(tiny_dir):
     names = {p.name for p in tiny_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "pretraining.json"} <= names
-    assert not any(p.name.startswith(".building-") for p in tiny_dir.parent.iterdir())
+    leftovers = [p.name for p in tiny_dir.parent.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert not leftovers, f"atomic_dir left temporary folders behind: {leftovers}"
     info = json.loads((tiny_dir / "pretraining.json").read_text())
     assert len(info["losses"]) == TINY_TRAIN["steps"] and info["losses"][-1] < info["losses"][0]
     # a second call finds the cache instead of training again
