@@ -84,3 +84,12 @@ def test_group_by_length_matches_transformers():
     assert batches == D.epoch_batches(lengths, 4, seed=0, epoch=2)  # a pure function of (seed, epoch)
     assert batches != D.epoch_batches(lengths, 4, seed=0, epoch=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+
+
+def test_bos_and_pad_fallbacks():
+    from types import SimpleNamespace as NS
+    assert D.bos_ids(NS(bos_token_id=1)) == [1] and D.bos_ids(NS(bos_token_id=None)) == []
+    assert D.bos_ids(NS(bos_token_id=0)) == [0]                      # 0 is a valid id
+    assert D.pad_token_id(NS(pad_token_id=3, eos_token_id=2)) == 3
+    assert D.pad_token_id(NS(pad_token_id=None, eos_token_id=2)) == 2  # LLaMA: pad with eos
+    assert D.pad_token_id(NS(pad_token_id=0, eos_token_id=2)) == 0

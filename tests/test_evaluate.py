@@ -70,13 +70,36 @@ def test_mcq_scores_letter_logits_per_subject(tiny, tmp_path):
     assert result["n"] == sum(len(d["test"]) for d in data.values())
 
 
+def _greedy(model, ids, n):
+    """Greedy decoding by hand: append the argmax token n times (no KV cache, no generate())."""
+    for _ in range(n):
+        nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+@torch.no_grad()
 def test_mcq_and_generation_on_a_real_model(tiny, tmp_path):
     model, tok = tiny
     folder = E.make_stdlib_mcq(tmp_path)
     res = E.mcq_accuracy(model, tok, folder, k=1, limit=4)
-    assert 0.0 <= res["mean"] <= 1.0 and res["n"] == 8 and set(res["subjects"]) == {"python_docstrings", "python_modules"}
-    text = E.generate(model, tok, "What does `json.dumps` do?", max_new_tokens=5)
-    assert isinstance(text, str) and "### Human" not in text
+    letters = [tok.encode(" " + c, add_special_tokens=False)[-1] for c in "ABCD"]
+    expected = {}
+    for subject, split in E.read_mcq_dir(folder).items():   # score each question by hand
+        hits = []
+        for row in split["test"][:4]:
+            text = E.mcq_prompt(subject, split["dev"][:1], row)
+            ids = torch.tensor([[tok.bos_token_id] + tok.encode(text, add_special_tokens=False)])
+            logits = model(input_ids=ids).logits[0, -1]
+            hits.append("ABCD"[int(logits[letters].argmax())] == row[5])
+        expected[subject] = sum(hits) / len(hits)
+    assert res["subjects"] == expected and res["n"] == 8
+    question = "What does `json.dumps` do?"
+    text = E.generate(model, tok, question, max_new_tokens=5)
+    prompt = [tok.bos_token_id] + tok.encode(D.guanaco_prompt(question), add_special_tokens=False)
+    ids = _greedy(model, torch.tensor([prompt]), 5)
+    ref = tok.decode(ids[0, len(prompt):], skip_special_tokens=True).split("### Human")[0].strip()
+    assert text == ref
     assert D.guanaco_prompt("q") == "### Human: q ### Assistant:"
 
 
@@ -88,7 +111,18 @@ def test_command_line(tmp_path, capsys):
     capsys.readouterr()
     out = E.main(["--model", str(folder), "--adapter", str(tmp_path / "run" / "adapter"),
                   "--mcq", "stdlib", "--k", "0", "--ask", "What does `math.sqrt` do?"])
-    assert out["heldout"]["loss"] > 0 and 0 <= out["mcq"]["mean"] <= 1
+    model = E.load_for_eval(str(folder), tmp_path / "run" / "adapter")
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    held = [D.tokenize_example(tok, r) for r in D.load_splits(D.DEFAULT_DATA)[1]]
+    with torch.no_grad():  # token-weighted mean of transformers' per-example losses
+        per = [(model(**D.collate([e], tok.pad_token_id)).loss.item(),
+                sum(l != D.IGNORE_INDEX for l in e["labels"][1:])) for e in held]
+    ref = sum(l * n for l, n in per) / sum(n for _, n in per)
+    assert out["heldout"]["loss"] == pytest.approx(ref, rel=1e-4)
+    subjects = out["mcq"]["subjects"]
+    assert out["mcq"]["mean"] == pytest.approx(sum(subjects.values()) / len(subjects))
+    mcq = E.read_mcq_dir(E.make_stdlib_mcq(tmp_path / "mcq"))
+    assert out["mcq"]["n"] == sum(len(split["test"]) for split in mcq.values())
     assert list(out["answers"]) == ["What does `math.sqrt` do?"]
     with pytest.raises(SystemExit, match="no \\*/test/\\*_test.csv files"):
         E.main(["--model", str(folder), "--mcq", str(tmp_path / "nowhere")])
