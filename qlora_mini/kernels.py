@@ -1,20 +1,30 @@
-"""The CUDA dequantization kernel: build, query, call (hand-written plumbing, not generated).
+"""The dequantization kernels: build, query, call (hand-written plumbing, not generated).
 
-Chapter 4 explains the kernel (``csrc/dequant_4bit.cu``); this module only builds and calls it.
+Chapter 4 explains the kernel; this module only builds and calls it. One per-element program
+(``csrc/dequant_4bit_core.h``), two back ends:
 
-- On a machine with a CUDA device the kernel and its torch binding (``csrc/dequant_4bit_binding.cpp``)
-  are compiled just in time by ``torch.utils.cpp_extension.load`` on first use (cached in torch's
-  extension directory; needs ``ninja`` and ``nvcc``), and :func:`qlora_mini.storage.dequantize_4bit`
-  sends CUDA tensors to :func:`dequantize_4bit_cuda`.
-- Anywhere with ``nvcc``, :func:`compile_check` compiles the kernel file alone to cubins for several
-  GPU architectures, and :func:`dequantize_4bit_host` runs the kernel's own per-thread program on
-  the CPU (one "thread" after another), so the indexing and arithmetic are testable without a GPU.
+- CUDA (``csrc/dequant_4bit.cu`` + its torch binding ``csrc/dequant_4bit_binding.cpp``): on a
+  machine with a CUDA device, compiled just in time by ``torch.utils.cpp_extension.load`` on first
+  use (cached in torch's extension directory; needs ``ninja`` and ``nvcc``).
+- CPU (``csrc/dequant_4bit_cpu.cpp``): the twin, built the same way with g++ (``-O3
+  -march=native``, OpenMP over blocks) on first use, called through ctypes.
+
+At import this module registers both with chapter 3 (``storage.register_dequantize_backend``), so
+:func:`qlora_mini.storage.dequantize_4bit` sends CUDA tensors to :func:`dequantize_4bit_cuda` and
+CPU tensors to :func:`dequantize_4bit_cpu`, falling back to the PyTorch reference (with one
+warning) where a build fails. :func:`active_path` says which code runs. Storage never imports
+this module: the arrows run one way, chapter 4 → chapter 3.
+
+Anywhere with ``nvcc``, :func:`compile_check` compiles the kernel file alone to cubins for several
+GPU architectures, and :func:`dequantize_4bit_host` runs the kernel's own per-thread program on
+the CPU (one "thread" after another), so the GPU kernel's indexing is testable without a GPU.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -25,12 +35,15 @@ from pathlib import Path
 
 import torch
 
-from qlora_mini.storage import FLOAT_DTYPES, QuantState4bit, check_state
+from qlora_mini.storage import FLOAT_DTYPES, QuantState4bit, check_state, register_dequantize_backend
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 KERNEL_SRC = CSRC / "dequant_4bit.cu"           # the kernel: no torch headers
 BINDING_SRC = CSRC / "dequant_4bit_binding.cpp"  # the torch side
 HEADER_SRC = CSRC / "dequant_4bit.h"             # the plain-C interface between them
+CORE_SRC = CSRC / "dequant_4bit_core.h"          # the per-element program both back ends share
+CPU_SRC = CSRC / "dequant_4bit_cpu.cpp"          # the CPU twin: no torch headers
+CPU_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # no FMA: bit-exactness
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")     # A100, RTX 30xx/A6000, RTX 40xx/L40S, H100
 OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # QmOutDtype
 
@@ -112,9 +125,50 @@ def _cache_dir() -> Path:
     return Path(get_default_build_root()) / "qlora_mini"
 
 
-def _sources_hash() -> str:
-    data = b"".join(p.read_bytes() for p in (KERNEL_SRC, HEADER_SRC, BINDING_SRC))
-    return hashlib.sha256(data).hexdigest()[:12]
+def _sources_hash(*extra: str) -> str:
+    data = b"".join(p.read_bytes() for p in (KERNEL_SRC, HEADER_SRC, CORE_SRC, BINDING_SRC, CPU_SRC))
+    return hashlib.sha256(data + "|".join(extra).encode()).hexdigest()[:12]
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include folder ($CUDA_HOME, $CUDA_PATH, /usr/local/cuda, next to nvcc)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if find_nvcc():
+        roots.append(str(Path(find_nvcc()).resolve().parents[1]))
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def binding_syntax_check() -> None:
+    """Compile the CUDA torch binding on the host with ``g++ -fsyntax-only`` (torch's, Python's and
+    CUDA's headers): nothing else exercises it without a GPU. Raises :class:`CompileError`. A pass
+    is remembered (a stamp named by the hash of the sources, torch's version and the compiler)."""
+    import sysconfig
+    import tempfile
+
+    from torch.utils.cpp_extension import include_paths
+    cxx, cuda_inc = shutil.which(os.environ.get("CXX", "g++")), cuda_include_dir()
+    if cxx is None or cuda_inc is None:
+        raise CompileError(f"needs g++ ({cxx}) and the CUDA headers ({cuda_inc})")
+    stamp = _cache_dir() / f"binding_syntax_ok_{_sources_hash(torch.__version__, cxx, str(cuda_inc))}"
+    if stamp.exists():
+        return
+    with tempfile.TemporaryDirectory() as stub:
+        # A CPU-only torch wheel lacks the one generated c10/cuda config header: an empty stand-in
+        # (searched last, so a CUDA build's real header wins).
+        (Path(stub) / "c10" / "cuda" / "impl").mkdir(parents=True)
+        (Path(stub) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        incs = [f"-I{p}" for p in [*include_paths("cpu"), sysconfig.get_paths()["include"],
+                                   str(cuda_inc), str(CSRC)]]
+        cmd = [cxx, "-fsyntax-only", "-std=c++17", "-DTORCH_EXTENSION_NAME=qlora_mini_check",
+               *incs, "-idirafter", stub, str(BINDING_SRC)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CompileError(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.touch()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +201,16 @@ def available() -> bool:
     return torch.cuda.is_available() and _build() is not None
 
 
-def active_path() -> str:
-    """Which code dequantizes CUDA tensors here, in words."""
+def active_path(device=None) -> str:
+    """Which code :func:`qlora_mini.storage.dequantize_4bit` runs for tensors on ``device``
+    ("cuda" or "cpu"; default: cuda when a CUDA device exists, else cpu), in words. The first
+    call per device builds its kernel."""
+    device = torch.device(device if device is not None else
+                          "cuda" if torch.cuda.is_available() else "cpu").type
+    if device == "cpu":
+        if _build_cpu() is None:
+            return f"PyTorch reference (CPU kernel {_cpu_error})"
+        return f"cpu kernel ({_cpu_lib.qlora_mini_dequantize_4bit_cpu_isa().decode()}, OpenMP)"
     if not torch.cuda.is_available():
         return "PyTorch reference (no CUDA device)"
     if _build() is None:
@@ -189,7 +251,7 @@ def dequantize_4bit_cuda(packed: torch.Tensor, state: QuantState4bit, dtype=None
 
 
 # ---------------------------------------------------------------------------------------------
-# The kernel's per-thread program on the CPU (needs nvcc, not a GPU)
+# Called through ctypes: the CPU twin, and the CUDA kernel's per-thread program on the host
 
 
 class _Args(ctypes.Structure):
@@ -198,6 +260,95 @@ class _Args(ctypes.Structure):
                 ("packed", "code", "absmax", "absmax_q", "nested_absmax", "nested_code", "offset", "out")]
     _fields_ += [("n", ctypes.c_int64), ("log2_blocksize", ctypes.c_int),
                  ("log2_nested_blocksize", ctypes.c_int), ("out_dtype", ctypes.c_int)]
+
+
+def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, list]:
+    """QmDequantArgs for CPU tensors, and the contiguous tensors it points into (keep them alive).
+    check_state has checked sizes and the absmax dtype; the float32 tables are checked here."""
+    for name in ("code", "nested_code", "nested_absmax", "offset"):
+        t = getattr(state, name)
+        if t is not None and (t.dtype != torch.float32 or t.is_cuda):
+            raise TypeError(f"state.{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if state.code.numel() != 16 or (state.double_quant and state.nested_code.numel() != 256):
+        raise ValueError("state.code must hold 16 values and state.nested_code 256")
+    keep = [packed.reshape(-1).contiguous(), state.code.contiguous(), state.absmax.contiguous()]
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    a = _Args(packed=ptr(keep[0]), code=ptr(keep[1]), out=out.data_ptr(), n=state.numel,
+              log2_blocksize=state.blocksize.bit_length() - 1,
+              log2_nested_blocksize=state.nested_blocksize.bit_length() - 1,
+              out_dtype=OUT_DTYPES[out.dtype])
+    if state.double_quant:
+        nested = [state.nested_absmax.contiguous(), state.nested_code.contiguous(),
+                  state.offset.contiguous()]
+        keep += nested
+        a.absmax_q, a.nested_absmax, a.nested_code, a.offset = ptr(keep[2]), *map(ptr, nested)
+    else:
+        a.absmax = ptr(keep[2])
+    return a, keep
+
+
+_cpu_lib = None     # the built CPU twin (a ctypes library)
+_cpu_error = None   # why there is none (a string), once we tried
+
+
+def _build_cpu():
+    """Build (or load from torch's extension cache) the CPU twin once; warn once on failure. The
+    name carries a hash of the sources, the flags and this CPU's model (-march=native)."""
+    global _cpu_lib, _cpu_error
+    if _cpu_lib is not None or _cpu_error is not None:
+        return _cpu_lib
+    if os.environ.get("QLORA_MINI_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no"):
+        _cpu_error = "disabled by QLORA_MINI_CPU_KERNEL=0"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        tag = _sources_hash(*CPU_CFLAGS, platform.machine(), _cpu_model())
+        path = load(name=f"qlora_mini_dequant_4bit_cpu_{tag}", sources=[str(CPU_SRC)],
+                    extra_include_paths=[str(CSRC)], extra_cflags=CPU_CFLAGS,
+                    extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        lib = ctypes.CDLL(path)
+        lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
+        lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+        lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
+        _cpu_lib = lib
+    except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        _cpu_error = f"build failed: {type(e).__name__}: {last}"
+        warnings.warn(f"qlora_mini: the CPU dequantization kernel did not build, CPU tensors use "
+                      f"the PyTorch reference instead.\n{type(e).__name__}: {e}", RuntimeWarning)
+    return _cpu_lib
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cpu_available() -> bool:
+    """True when the CPU twin built (first call builds it: a few seconds, then cached on disk)."""
+    return _build_cpu() is not None
+
+
+def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState4bit, dtype=None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU twin: packed (ceil(n/2),) uint8 CPU tensor + state → ``state.shape`` in ``dtype``
+    (default ``state.dtype``), written into ``out`` if given; torch.get_num_threads() threads."""
+    check_state(packed, state)
+    if packed.is_cuda:
+        raise ValueError("dequantize_4bit_cpu takes CPU tensors")
+    if _build_cpu() is None:
+        raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
+    out = _out_buffer(state, dtype, packed.device, out)
+    a, keep = _c_args(packed, state, out)
+    err = _cpu_lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
+    if err:
+        raise RuntimeError(err.decode())
+    return out
 
 
 _host_lib = None
@@ -221,26 +372,25 @@ def _host_library() -> ctypes.CDLL:
 
 def dequantize_4bit_host(packed: torch.Tensor, state: QuantState4bit, dtype=None,
                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the kernel's per-thread code (``dequant_chunk``) on the CPU for CPU tensors: the same
-    source as the GPU kernel, compiled by nvcc for the host. A test of the kernel's logic, not of
-    the GPU (whose bf16/fp16 conversions and fp32 multiplies are also IEEE round-to-nearest-even)."""
+    """Run the CUDA kernel's per-thread code (``dequant_chunk``) on the CPU for CPU tensors: the
+    .cu source compiled by nvcc for the host. A test of the GPU kernel's indexing, not of the GPU
+    (whose bf16/fp16 conversions and fp32 multiplies are also IEEE round-to-nearest-even)."""
     check_state(packed, state)
     if packed.is_cuda:
         raise ValueError("dequantize_4bit_host takes CPU tensors")
     out = _out_buffer(state, dtype, packed.device, out)
-    keep = [packed.reshape(-1).contiguous(), state.code.contiguous(), state.absmax.contiguous()]
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    a = _Args(packed=ptr(keep[0]), code=ptr(keep[1]), out=out.data_ptr(), n=state.numel,
-              log2_blocksize=state.blocksize.bit_length() - 1,
-              log2_nested_blocksize=state.nested_blocksize.bit_length() - 1,
-              out_dtype=OUT_DTYPES[out.dtype])
-    if state.double_quant:
-        nested = [state.nested_absmax.contiguous(), state.nested_code.contiguous(), state.offset.contiguous()]
-        keep += nested
-        a.absmax_q, a.nested_absmax, a.nested_code, a.offset = ptr(keep[2]), *map(ptr, nested)
-    else:
-        a.absmax = ptr(keep[2])
+    a, keep = _c_args(packed, state, out)
     err = _host_library().qlora_mini_dequantize_4bit_host(ctypes.byref(a))
     if err:
         raise RuntimeError(err.decode())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 3's dequantize_4bit dispatches here: registered once, at import (storage never imports us)
+
+register_dequantize_backend("cuda kernel", lambda packed, state, dtype: packed.is_cuda and available(),
+                            dequantize_4bit_cuda)
+register_dequantize_backend("cpu kernel",
+                            lambda packed, state, dtype: packed.device.type == "cpu" and cpu_available(),
+                            dequantize_4bit_cpu)

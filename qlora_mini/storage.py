@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qlora_mini.codebooks import get_code
+from qlora_mini.utils import ceil_div
 from qlora_mini.quantization import _check_finite, _check_tensor  # chapter 1's input checks
 from qlora_mini.quantization import round_to_code  # chapter 1: index of the nearest level
 
@@ -28,8 +29,9 @@ class QuantState4bit:
     """Everything besides the packed codes that dequantization needs.
 
     absmax: (n_blocks,) float32, or (n_blocks,) uint8 codes of (absmax - offset) when double
-    quantized; then nested_absmax (ceil(n_blocks / 256),) float32, nested_code (256,) float32 and
-    offset () float32 are set. code: (16,) float32 codebook indexed by the 4-bit code.
+    quantized; then nested_absmax (ceil(n_blocks / nested_blocksize),) float32, nested_code
+    (256,) float32 and offset () float32 are set. code: (16,) float32 codebook indexed by the
+    4-bit index.
     """
     absmax: torch.Tensor
     shape: torch.Size
@@ -52,7 +54,7 @@ class QuantState4bit:
 
     @property
     def n_blocks(self) -> int:
-        return -(-self.numel // self.blocksize)
+        return ceil_div(self.numel, self.blocksize)
 
     def to(self, device) -> "QuantState4bit":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -68,10 +70,14 @@ class QuantState4bit:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
-def _check_blocksize(blocksize) -> None:
+def check_bnb_blocksize(blocksize) -> None:
+    """bitsandbytes' blocksizes: a power of two from 32 to 4096 (chapter 1 accepted any)."""
     ok = isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0
     if not ok:
         raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+
+
+_check_blocksize = check_bnb_blocksize  # (old name; removed once chapter 5 is updated)
 
 
 def _check_weight(W) -> None:
@@ -102,15 +108,15 @@ def blockwise_absmax(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return scaled.clamp(-1, 1), absmax
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(n,) uint8 codes in 0..15, n even → (n/2,) uint8: element 2i in the high nibble."""
-    return (codes[0::2] << 4) | codes[1::2]                               # (n/2,) uint8
+def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """(n,) uint8 indices into code, 0..15, n even → (n/2,) uint8: element 2i in the high nibble."""
+    return (idx[0::2] << 4) | idx[1::2]                                   # (n/2,) uint8
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """(ceil(n/2),) uint8 → (n,) int64 codes: the inverse of :func:`pack_nibbles`."""
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1)              # (n/2, 2) uint8
-    return codes.view(-1)[:n].long()
+    """(ceil(n/2),) uint8 → (n,) int64 indices into code: the inverse of :func:`pack_nibbles`."""
+    idx = torch.stack([packed >> 4, packed & 0xF], dim=-1)                # (n/2, 2) uint8
+    return idx.view(-1)[:n].long()
 
 
 def quantize_4bit(W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
@@ -121,7 +127,7 @@ def quantize_4bit(W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     ``quantize_4bit(W, blocksize, quant_type=..., compress_statistics=double_quant)``.
     """
     _check_weight(W)
-    _check_blocksize(blocksize)
+    check_bnb_blocksize(blocksize)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     code = get_code(quant_type).to(W.device)                              # (16,) float32
@@ -131,11 +137,11 @@ def quantize_4bit(W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     state = QuantState4bit(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize,
                            quant_type=quant_type, code=code)
     if double_quant:
-        state = replace(state, **quantize_absmax(absmax))
+        state = replace(state, **double_quantize(absmax))
     return packed, state
 
 
-def dequantize_absmax(state: QuantState4bit) -> torch.Tensor:
+def double_dequantize(state: QuantState4bit) -> torch.Tensor:
     """The fp32 absmax per block: stored directly, or rebuilt from its 8-bit codes."""
     if not state.double_quant:
         return state.absmax
@@ -145,19 +151,22 @@ def dequantize_absmax(state: QuantState4bit) -> torch.Tensor:
     return values * scale + state.offset
 
 
+dequantize_absmax = double_dequantize  # (old name; removed once chapter 6 is updated)
+
+
 def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
     """Refuse a state that does not describe ``packed``: sizes, dtypes and fields must agree."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
     if not isinstance(state, QuantState4bit):
         raise TypeError(f"state must be a QuantState4bit, got {type(state).__name__} "
-                        "(convert a bitsandbytes QuantState with QuantState4bit.from_bnb)")
-    _check_blocksize(state.blocksize)
+                        "(convert a bitsandbytes QuantState with qlora_mini.storage.from_bnb)")
+    check_bnb_blocksize(state.blocksize)
     if state.quant_type not in QUANT_TYPES:
         raise ValueError(f"state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
-    if packed.numel() != -(-state.numel // 2):
+    if packed.numel() != ceil_div(state.numel, 2):
         raise ValueError(f"packed has {packed.numel()} bytes but state.shape {tuple(state.shape)} "
-                         f"needs {-(-state.numel // 2)}: this state belongs to another tensor")
+                         f"needs {ceil_div(state.numel, 2)}: this state belongs to another tensor")
     if state.absmax.numel() != state.n_blocks:
         raise ValueError(f"state.absmax has {state.absmax.numel()} entries, expected {state.n_blocks} "
                          f"blocks of {state.blocksize}")
@@ -165,37 +174,74 @@ def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
     if state.absmax.dtype != expect:
         raise ValueError(f"state.absmax must be {expect} (double_quant={state.double_quant}), "
                          f"got {state.absmax.dtype}")
-    if state.double_quant and state.nested_absmax.numel() != -(-state.n_blocks // state.nested_blocksize):
-        raise ValueError(f"state.nested_absmax has {state.nested_absmax.numel()} entries, expected "
-                         f"{-(-state.n_blocks // state.nested_blocksize)}")
+    n_nested = ceil_div(state.n_blocks, state.nested_blocksize)
+    if state.double_quant and state.nested_absmax.numel() != n_nested:
+        raise ValueError(f"state.nested_absmax has {state.nested_absmax.numel()} entries, "
+                         f"expected {n_nested}")
+
+
+BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
+
+
+def _dequantize_4bit_torch(packed, state, dtype, chunk: int | None = None):
+    """The PyTorch reference: the specification the compiled kernels are tested against.
+
+    code[idx] * absmax per element, in float32, rounded once to ``dtype``; chunks of whole blocks
+    (``chunk`` elements: 2**18 on a CPU, 2**24 on a GPU) keep temporaries small."""
+    n, bs, device = state.numel, state.blocksize, packed.device
+    pairs = state.code.float()[BYTE_NIBBLES.to(device)]                   # (256, 2) float32
+    absmax = double_dequantize(state)                                     # (n_blocks,) float32
+    packed, out = packed.reshape(-1), torch.empty(n, dtype=dtype, device=device)
+    chunk = chunk or (1 << 18 if device.type == "cpu" else 1 << 24)
+    step = max(1, chunk // bs) * bs                                       # whole blocks
+    for start in range(0, n, step):
+        m = min(step, n - start)                                          # elements here
+        idx = packed[start // 2:(start + m + 1) // 2].int()               # (ceil(m/2),) int32
+        values = pairs.index_select(0, idx).view(-1)[:m]                  # (m,) float32
+        scale = absmax[start // bs:start // bs + ceil_div(m, bs)]         # (blocks here,)
+        full = m - m % bs                                                 # in whole blocks
+        values[:full].view(-1, bs).mul_(scale[:full // bs, None])
+        if full < m:
+            values[full:].mul_(scale[-1])                                 # the ragged block
+        out[start:start + m] = values                                     # one rounding
+    return out.view(state.shape)
+
+
+_BACKENDS = {}  # name → (accepts(packed, state, dtype) -> bool, fn(packed, state, dtype))
+
+
+def register_dequantize_backend(name: str, accepts, fn) -> None:
+    """Let a later chapter offer a faster ``fn(packed, state, dtype)`` for the arguments on which
+    ``accepts(packed, state, dtype)`` is true. Tried in order of registration; registering a
+    name again replaces it. ``fn`` must return what the reference returns, bit for bit."""
+    if not isinstance(name, str) or not callable(accepts) or not callable(fn):
+        raise TypeError("register_dequantize_backend(name: str, accepts: callable, fn: callable)")
+    _BACKENDS[name] = (accepts, fn)
+
+
+def dequantize_path(packed: torch.Tensor, state: QuantState4bit, dtype=None) -> str:
+    """The name of the code :func:`dequantize_4bit` runs for these arguments."""
+    dtype = state.dtype if dtype is None else dtype
+    for name, (accepts, _) in _BACKENDS.items():
+        if accepts(packed, state, dtype):
+            return name
+    return "PyTorch reference"
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Packed 4-bit codes back to a tensor of ``state.shape`` in ``dtype`` (default: the dtype
-    that was quantized). Each value is code[c] * absmax of its block, computed in float32 and
-    rounded once to ``dtype``, as bitsandbytes does. CUDA tensors go to the compiled kernel
-    (chapter 4) when it is available."""
+    """Packed 4-bit indices back to a tensor of ``state.shape`` in ``dtype`` (default: the dtype
+    that was quantized). Each value is code[idx] * absmax of its block, computed in float32 and
+    rounded once to ``dtype``, as bitsandbytes does. A registered backend (chapter 4's compiled
+    kernels) runs when it accepts the tensors; otherwise the PyTorch reference."""
     check_state(packed, state)
     dtype = state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    if packed.is_cuda:
-        from qlora_mini import kernels
-        if kernels.available():
-            return kernels.dequantize_4bit_cuda(packed, state, dtype)
+    for accepts, fn in _BACKENDS.values():
+        if accepts(packed, state, dtype):
+            return fn(packed, state, dtype)
     return _dequantize_4bit_torch(packed, state, dtype)
-
-
-def _dequantize_4bit_torch(packed, state, dtype):
-    """The PyTorch reference: the specification the CUDA kernel is tested against."""
-    n, bs = state.numel, state.blocksize
-    values = state.code[unpack_nibbles(packed.reshape(-1), n)]            # (n,) float32
-    absmax = dequantize_absmax(state)                                     # (n_blocks,) float32
-    pad = state.n_blocks * bs - n
-    values = torch.nn.functional.pad(values, (0, pad)).view(-1, bs)       # (n_blocks, bs)
-    out = (values * absmax[:, None]).view(-1)[:n]                         # (n,) float32
-    return out.to(dtype).view(state.shape)
 
 
 def nearest_code_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -212,10 +258,11 @@ def nearest_code_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return lut[point.long()]
 
 
-def quantize_absmax(absmax: torch.Tensor) -> dict:
+def double_quantize(absmax: torch.Tensor) -> dict:
     """Double quantization: store absmax - mean(absmax) as 8-bit dynamic codes in blocks of 256.
 
-    (n_blocks,) float32 → uint8 codes (n_blocks,), nested absmax (ceil(n_blocks/256),) float32,
+    (n_blocks,) float32 → uint8 indices (n_blocks,) into the dynamic code, nested absmax
+    (ceil(n_blocks/256),) float32,
     the (256,) dynamic code and the scalar offset. (bitsandbytes' CPU kernel multiplies every
     block, the ragged one too, by 1/absmax, and writes code 0 for an all-zero block.)
     """
@@ -225,9 +272,9 @@ def quantize_absmax(absmax: torch.Tensor) -> dict:
     nested_absmax = centered.abs().amax(dim=1)                                # (nb2,) float32
     scaled = (centered * (1.0 / nested_absmax)[:, None]).view(-1)[:n]         # (n,) float32
     nested_code = dynamic_code().to(absmax.device)
-    codes = nearest_code_lut(scaled.nan_to_num(0.0), nested_code)             # (n,) uint8
-    codes[(nested_absmax == 0).repeat_interleave(bs)[:n]] = 0
-    return dict(absmax=codes, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
+    idx = nearest_code_lut(scaled.nan_to_num(0.0), nested_code)               # (n,) uint8
+    idx[(nested_absmax == 0).repeat_interleave(bs)[:n]] = 0
+    return dict(absmax=idx, offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
 
 
 def to_bnb(packed: torch.Tensor, state: QuantState4bit):
@@ -265,8 +312,9 @@ def bits_per_param(packed: torch.Tensor, state: QuantState4bit) -> float:
 def storage_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
     """Bytes that :func:`quantize_4bit` stores for a tensor of ``numel`` values, without making it:
     packed codes, plus fp32 absmax per block, or (double quantization) a uint8 code per block, an
-    fp32 nested absmax per 256 blocks and one fp32 offset. Tested against real tensors."""
-    n_blocks = -(-numel // blocksize)
+    fp32 nested absmax per NESTED_BLOCKSIZE (256) blocks and one fp32 offset. Tested against real tensors."""
+    n_blocks = ceil_div(numel, blocksize)
     if not double_quant:
-        return -(-numel // 2) + 4 * n_blocks
-    return -(-numel // 2) + n_blocks + 4 * -(-n_blocks // NESTED_BLOCKSIZE) + 4
+        return ceil_div(numel, 2) + 4 * n_blocks                  # fp32 absmax per block
+    n_nested = ceil_div(n_blocks, NESTED_BLOCKSIZE)               # fp32 per nested block
+    return ceil_div(numel, 2) + n_blocks + 4 * n_nested + 4       # + uint8 per block, offset

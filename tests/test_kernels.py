@@ -1,20 +1,25 @@
-"""Tests for qlora_mini.kernels and csrc/dequant_4bit.cu (chapter 4).
+"""Tests for qlora_mini.kernels and csrc/dequant_4bit* (chapter 4): the CUDA kernel and its CPU twin.
 
-(a) nvcc compile checks: run wherever nvcc is; in CI (env CI set) a missing nvcc or a failed
-    compile FAILS the test, outside CI a missing nvcc skips it.
-(b) GPU tests: skipped with "no CUDA device" where torch.cuda is unavailable; bit-exact against
+(a) Compile checks (nvcc; g++ -fsyntax-only for the torch binding): in CI (utils.in_ci()) a
+    missing compiler or a failed compile FAILS the test, outside CI a missing compiler skips it.
+(b) The CPU twin (csrc/dequant_4bit_cpu.cpp, g++): bit-exact against the PyTorch reference, an
+    independent decode by hand (numpy), and bitsandbytes; in CI a failed build fails.
+(c) GPU tests: skipped with "no CUDA device" where torch.cuda is unavailable; bit-exact against
     the PyTorch reference and against bitsandbytes on fresh random inputs, output buffers poisoned
     with NaN first.
-(c) CPU tests of the dispatch and query logic.
+(d) CPU tests of the dispatch and query logic.
 Bit-exact means equal bit patterns (int views), so -0.0 vs +0.0 and NaN payloads count.
 """
-import os
-
+import numpy as np
 import pytest
 import torch
 
+import qlora_mini  # noqa: F401  (silences bitsandbytes' log line)
+import bitsandbytes.functional as F
 from qlora_mini import kernels
-from qlora_mini.storage import _dequantize_4bit_torch, dequantize_4bit, quantize_4bit, to_bnb
+from qlora_mini.storage import (_dequantize_4bit_torch, dequantize_4bit, dequantize_path, from_bnb,
+                                quantize_4bit, to_bnb)
+from qlora_mini.utils import in_ci
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -26,26 +31,55 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(INT_VIEW[t.dtype])
 
 
-def assert_bit_exact(got: torch.Tensor, want: torch.Tensor):
-    assert got.shape == want.shape and got.dtype == want.dtype
-    assert not torch.isnan(got).any(), "an output element was not written (NaN poison survived)"
+def assert_bit_exact(got: torch.Tensor, want: torch.Tensor, case=""):
+    assert got.shape == want.shape and got.dtype == want.dtype, case
+    assert not torch.isnan(got).any(), f"{case}: an output element was not written (NaN poison survived)"
     differ = bits(got) != bits(want)
     mismatch = differ.sum().item()
     zeros = (got[differ] == want[differ]).sum().item()   # +0.0 vs -0.0: equal values, other bits
-    assert mismatch == 0, f"{mismatch} of {got.numel()} elements differ in their bits ({zeros} only in the sign of zero)"
+    assert mismatch == 0, (f"{case}: {mismatch} of {got.numel()} elements differ in their bits "
+                           f"({zeros} only in the sign of zero)")
 
 
 def require_nvcc():
     """In CI the compile checks must run: a missing nvcc is a failure there, a skip elsewhere."""
     if kernels.find_nvcc() is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but nvcc was not found: the CUDA kernel must compile in CI")
+        if in_ci():
+            pytest.fail("running in CI but nvcc was not found: the CUDA kernel must compile in CI")
         pytest.skip("nvcc not found (outside CI the nvcc compile checks are optional)")
+
+
+def require_cpu_kernel():
+    """The CPU twin must build in CI; elsewhere (no compiler) the PyTorch reference is the path."""
+    if not kernels.cpu_available():
+        if in_ci():
+            pytest.fail(f"running in CI but the CPU kernel did not build: {kernels._cpu_error}")
+        pytest.skip(f"CPU kernel unavailable here: {kernels._cpu_error}")
 
 
 def fresh(shape, seed, device="cpu"):
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(shape, generator=g, device=device) * (1 + seed % 3)
+
+
+def decode_by_hand(packed, state, dtype):
+    """Dequantize in numpy, from the stored fields alone (no qlora_mini code): float32 products
+    with numpy's IEEE rounding, then one rounding to dtype (numpy for float16, torch for bfloat16,
+    which numpy lacks)."""
+    n, bs = state.numel, state.blocksize
+    p = packed.reshape(-1).numpy()
+    idx = np.stack([p >> 4, p & 15], axis=1).reshape(-1)[:n]             # (n,) element order
+    absmax = state.absmax.numpy()
+    if state.nested_absmax is not None:                                    # double quantization
+        scale = np.repeat(state.nested_absmax.numpy(), state.nested_blocksize)[:absmax.size]
+        absmax = state.nested_code.numpy()[absmax] * scale                 # float32 * float32
+        absmax = absmax + np.float32(state.offset.item())                  # float32 + float32
+    values = state.code.numpy()[idx] * np.repeat(absmax, bs)[:n]          # (n,) float32
+    assert values.dtype == np.float32
+    if dtype == torch.float16:
+        with np.errstate(over="ignore"):                                  # overflow -> inf
+            return torch.from_numpy(values.astype(np.float16)).view(state.shape)
+    return torch.from_numpy(values).to(dtype).view(state.shape)
 
 
 # ------------------------------------------------------------------ (a) compile checks (nvcc)
@@ -107,7 +141,139 @@ def test_host_emulation_matches_bitsandbytes():
                     assert (got[differ] == 0).all() and torch.signbit(got[differ]).all()
 
 
-# ------------------------------------------------------------------ (b) on a GPU
+def test_torch_binding_compiles_on_host():
+    """The CUDA kernel's torch binding, type-checked by g++ against torch's headers (no GPU)."""
+    if kernels.cuda_include_dir() is None or __import__("shutil").which("g++") is None:
+        if in_ci():
+            pytest.fail("running in CI but g++ or the CUDA headers are missing")
+        pytest.skip("g++ or the CUDA headers are missing")
+    kernels.binding_syntax_check()                              # CompileError fails the test
+
+
+# ------------------------------------------------------------------ (b) the CPU twin
+
+CPU_CASES = [((1,), 64), ((33,), 32), ((3, 1001), 64), ((64, 300), 64), ((5, 4097), 4096),
+             ((7, 129), 128), ((130, 96), 32), ((600, 256), 64)]   # 2400 blocks: > 256 nested
+
+
+def test_cpu_kernel_builds_and_is_the_cpu_path():
+    require_cpu_kernel()
+    assert kernels.active_path("cpu").startswith("cpu kernel (")
+    packed, state = quantize_4bit(fresh((8, 64), 0), 64, "nf4", True)
+    assert dequantize_path(packed, state) == "cpu kernel"
+
+
+@pytest.mark.parametrize("dq", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cpu_twin_bit_exact_vs_reference_and_by_hand(quant_type, dq):
+    """Odd and ragged sizes, several blocksizes, > 256 blocks, every output dtype, into NaN-poisoned
+    outputs, 16-byte aligned and not."""
+    require_cpu_kernel()
+    for i, (shape, blocksize) in enumerate(CPU_CASES):
+        packed, state = quantize_4bit(fresh(shape, i), blocksize, quant_type, dq)
+        for dtype in DTYPES:
+            case = f"{shape} blocksize={blocksize} {quant_type} dq={dq} -> {dtype}"
+            want = decode_by_hand(packed, state, dtype)
+            assert_bit_exact(_dequantize_4bit_torch(packed, state, dtype), want, case)
+            out = torch.full(shape, float("nan"), dtype=dtype)
+            assert_bit_exact(kernels.dequantize_4bit_cpu(packed, state, dtype, out=out), want, case)
+            buf = torch.full((want.numel() + 1,), float("nan"), dtype=dtype)
+            shifted = buf[1:].view(shape)                         # 2 or 4 bytes off alignment
+            assert_bit_exact(kernels.dequantize_4bit_cpu(packed, state, dtype, out=shifted), want, case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_twin_rounds_like_numpy_and_torch_over_the_float_range(dtype):
+    """Every index is 15 (NF4's 1.0), so each output is its block's absmax rounded to dtype; the
+    absmax are random float32 bit patterns with magnitudes 2^-40 to 2^40 (float16 subnormals,
+    normals, overflow to inf), a third of them exact ties for bfloat16 and a third for float16."""
+    require_cpu_kernel()
+    g = torch.Generator().manual_seed(1)
+    packed, state = quantize_4bit(fresh((3000, 32), 2), 32, "nf4", False)
+    packed.fill_(0xFF)
+    n = state.n_blocks
+    exponent = torch.randint(127 - 40, 127 + 40, (n,), generator=g)
+    mantissa = torch.randint(0, 1 << 23, (n,), generator=g)
+    mantissa[0::3] = (mantissa[0::3] & ~0xFFFF) | 0x8000           # halfway between two bf16
+    mantissa[1::3] = (mantissa[1::3] & ~0x1FFF) | 0x1000           # halfway between two fp16
+    sign = torch.randint(0, 2, (n,), generator=g) << 31
+    state.absmax = (sign | (exponent << 23) | mantissa).int().view(torch.float32)
+    want = decode_by_hand(packed, state, dtype)
+    assert torch.equal(want.float().abs().amax(dim=1), want.float().abs()[:, 0])  # = absmax
+    assert_bit_exact(kernels.dequantize_4bit_cpu(packed, state, dtype), want)
+    assert_bit_exact(_dequantize_4bit_torch(packed, state, dtype), want)
+
+
+@pytest.mark.parametrize("dq", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cpu_twin_matches_bitsandbytes(quant_type, dq):
+    """What bitsandbytes quantized, the twin dequantizes to bitsandbytes' values. Where bnb's
+    AVX-512 CPU kernel is right (rows a multiple of the blocksize) against its output: NF4 equal
+    bits; FP4 equal values, bits differing only where bnb's CPU table has +0.0 for code 8 ("minus
+    zero", -0.0 in our codebook and in bnb's CUDA kernel). Elsewhere against bnb's state decoded
+    by hand."""
+    require_cpu_kernel()
+    for i, (shape, blocksize) in enumerate([((16, 512), 64), ((6, 256), 128), ((3, 1001), 64),
+                                            ((9, 40), 64), ((1, 77), 32)]):
+        bpacked, bstate = F.quantize_4bit(fresh(shape, 10 + i), blocksize=blocksize,
+                                          quant_type=quant_type, compress_statistics=dq)
+        packed, state = from_bnb(bpacked, bstate)
+        for dtype in DTYPES:
+            got = kernels.dequantize_4bit_cpu(packed, state, dtype)
+            assert_bit_exact(got, decode_by_hand(packed, state, dtype))
+            if shape[-1] % blocksize:
+                continue                                         # bnb's AVX-512 CPU bug
+            bstate.dtype = dtype
+            want = F.dequantize_4bit(bpacked, bstate)
+            if quant_type == "nf4":
+                assert_bit_exact(got, want)
+            else:
+                assert torch.equal(got, want)
+                differ = bits(got) != bits(want)
+                assert (got[differ] == 0).all() and torch.signbit(got[differ]).all()
+
+
+def test_cpu_twin_refuses_what_it_cannot_read():
+    require_cpu_kernel()
+    packed, state = quantize_4bit(fresh((4, 64), 0), 64, "nf4", True)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.dequantize_4bit_cpu(packed, state, torch.bfloat16, out=torch.empty(4, 64))
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.dequantize_4bit_cpu(packed, state, torch.int8)
+    with pytest.raises(TypeError, match="state.code"):
+        state.code = state.code.double()
+        kernels.dequantize_4bit_cpu(packed, state)
+
+
+def test_fallback_to_the_reference_without_the_cpu_kernel(monkeypatch):
+    packed, state = quantize_4bit(fresh((5, 100), 3), 64, "fp4", True)
+    monkeypatch.setattr(kernels, "_cpu_lib", None)
+    monkeypatch.setattr(kernels, "_cpu_error", "build failed: (simulated)")
+    assert dequantize_path(packed, state) == "PyTorch reference"
+    assert kernels.active_path("cpu") == "PyTorch reference (CPU kernel build failed: (simulated))"
+    for dtype in DTYPES:
+        assert_bit_exact(dequantize_4bit(packed, state, dtype), decode_by_hand(packed, state, dtype))
+
+
+def test_failed_cpu_build_warns_once(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++ not found (simulated)")
+    monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setattr(kernels, "_cpu_lib", None)
+    monkeypatch.setattr(kernels, "_cpu_error", None)
+    monkeypatch.delenv("QLORA_MINI_CPU_KERNEL", raising=False)
+    with pytest.warns(RuntimeWarning, match="CPU dequantization kernel did not build"):
+        assert kernels.cpu_available() is False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # a second warning would raise
+        assert kernels.cpu_available() is False
+    assert "simulated" in kernels.active_path("cpu")
+
+
+# ------------------------------------------------------------------ (c) on a GPU
 
 GPU_CASES = [((1,), 64), ((33,), 32), ((4097,), 64), ((3, 1001), 64), ((300, 1000), 64),
              ((257, 4111), 128), ((5, 4097), 4096), ((2048, 2048), 64)]
@@ -146,12 +312,13 @@ def test_gpu_misaligned_output_and_dispatch():
         assert_bit_exact(dequantize_4bit(packed, state, dtype), want)   # storage dispatches here
 
 
-# ------------------------------------------------------------------ (c) CPU: dispatch and queries
+# ------------------------------------------------------------------ (d) CPU: dispatch and queries
 
 @pytest.mark.skipif(not no_cuda, reason="checks the no-CUDA fallback")
-def test_cpu_reports_reference_path():
+def test_no_cuda_reports_reference_path():
     assert kernels.available() is False
-    assert kernels.active_path() == "PyTorch reference (no CUDA device)"
+    assert kernels.active_path("cuda") == "PyTorch reference (no CUDA device)"
+    assert kernels.active_path() == kernels.active_path("cpu")   # the default: this machine's
 
 
 def test_cuda_entry_refuses_cpu_tensors():
@@ -160,10 +327,17 @@ def test_cuda_entry_refuses_cpu_tensors():
         kernels.dequantize_4bit_cuda(packed, state, torch.bfloat16)
 
 
-def test_storage_on_cpu_uses_reference():
-    packed, state = quantize_4bit(fresh((4, 96), 0), 32, "fp4", False)
-    for dtype in DTYPES:
-        assert_bit_exact(dequantize_4bit(packed, state, dtype), _dequantize_4bit_torch(packed, state, dtype))
+def test_storage_does_not_import_kernels():
+    """Chapter 3 must not depend on chapter 4: kernels registers itself with storage instead."""
+    import ast
+    import inspect
+
+    import qlora_mini.storage as storage
+    tree = ast.parse(inspect.getsource(storage))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in n.names} | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("kernels" in name for name in names), names
+    assert {"cuda kernel", "cpu kernel"} <= set(storage._BACKENDS)
 
 
 def test_find_nvcc_via_cuda_home(tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ import torch
 import qlora_mini  # noqa: F401  (silences bitsandbytes' `kernels` log line before bnb loads)
 import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-from qlora_mini.storage import (QuantState4bit, bits_per_param, dequantize_4bit, from_bnb,
-                                quantize_4bit, storage_nbytes, to_bnb)
+from qlora_mini import storage
+from qlora_mini.storage import (QuantState4bit, _dequantize_4bit_torch, bits_per_param,
+                                dequantize_4bit, dequantize_path, double_dequantize, from_bnb,
+                                quantize_4bit, register_dequantize_backend, storage_nbytes, to_bnb)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -153,8 +155,9 @@ def test_state_must_match_packed():
         dequantize_4bit(packed, QuantState4bit(**{**vars(state), "absmax": other_state.absmax}))
     with pytest.raises(TypeError, match="uint8"):
         dequantize_4bit(packed.float(), state)
-    with pytest.raises(TypeError, match="QuantState4bit"):
+    with pytest.raises(TypeError, match=r"QuantState4bit.*qlora_mini\.storage\.from_bnb"):
         dequantize_4bit(packed, to_bnb(packed, state)[1])
+    assert callable(storage.from_bnb)                 # the conversion the message points to exists
     with pytest.raises(TypeError, match="dtype"):
         dequantize_4bit(packed, state, dtype=torch.int8)
 
@@ -166,3 +169,72 @@ def test_storage_nbytes_counts_what_is_stored():
         n, bs, dq = rng.randint(1, 300_000), rng.choice(BLOCKSIZES), rng.random() < 0.5
         packed, state = quantize_4bit(torch.randn(n), bs, "nf4", dq)
         assert storage_nbytes(n, bs, dq) == packed.numel() + state.nbytes()
+
+
+# ---------------------------------------------------------------- the reference and the backends
+def _by_hand(packed, state, dtype):
+    """The four readable steps: unpack, look up, scale per block, round once (no chunks)."""
+    idx = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:state.numel].long()
+    scale = double_dequantize(state).repeat_interleave(state.blocksize)[:state.numel]
+    return (state.code[idx] * scale).to(dtype).view(state.shape)
+
+
+@pytest.mark.parametrize("chunk", [32, 100, 4096, None])
+def test_reference_in_chunks_equals_the_plain_steps(chunk):
+    """Chunk borders inside, at and beyond ragged blocks and odd sizes give the same bits."""
+    for W, bs, qt, dq in random_cases(25, 11):
+        packed, state = quantize_4bit(W, bs, qt, dq)
+        for dtype in DTYPES:
+            want = _by_hand(packed, state, dtype)
+            got = _dequantize_4bit_torch(packed, state, dtype, chunk=chunk)
+            view = torch.int32 if dtype == torch.float32 else torch.int16
+            assert torch.equal(got.view(view), want.view(view)), (tuple(W.shape), bs, qt, dq, chunk)
+
+
+def test_reference_is_lean():
+    """No int64 temporary as large as the output, fp32 temporaries of a chunk's size only (the
+    old reference wrote int64 indices and several fp32 tensors of the whole output's size)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.rows += [(t.dtype, t.nbytes) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    n, chunk = 1 << 20, 1 << 16
+    packed, state = quantize_4bit(torch.randn(n), 64, "nf4", True)
+    with Sizes() as log:
+        out = _dequantize_4bit_torch(packed, state, torch.bfloat16, chunk=chunk)
+    assert out.nbytes == 2 * n
+    assert max(b for dt, b in log.rows if dt == torch.int64) < out.nbytes / 8
+    assert max(b for dt, b in log.rows if dt == torch.float32) <= 4 * chunk
+
+
+def test_backend_registry_dispatches_in_order(monkeypatch):
+    monkeypatch.setattr(storage, "_BACKENDS", {})
+    packed, state = quantize_4bit(torch.randn(4, 64))
+    assert dequantize_path(packed, state) == "PyTorch reference"
+    calls = []
+
+    def fake(packed, state, dtype):
+        calls.append(dtype)
+        return torch.zeros(state.shape, dtype=dtype)
+    register_dequantize_backend("fp16 only", lambda p, s, dtype: dtype == torch.float16, fake)
+    assert dequantize_path(packed, state, torch.float16) == "fp16 only"
+    assert dequantize_path(packed, state, torch.float32) == "PyTorch reference"
+    assert (dequantize_4bit(packed, state, torch.float16) == 0).all() and calls == [torch.float16]
+    assert torch.equal(dequantize_4bit(packed, state, torch.float32),
+                       _by_hand(packed, state, torch.float32))
+    with pytest.raises(TypeError, match="register_dequantize_backend"):
+        register_dequantize_backend("bad", None, fake)
+
+
+def test_old_names_are_aliases_until_chapters_5_and_6_move():
+    assert storage.dequantize_absmax is storage.double_dequantize
+    assert storage._check_blocksize is storage.check_bnb_blocksize

@@ -1,0 +1,163 @@
+// qlora_mini/csrc/dequant_4bit_cpu.cpp: hand-written CPU twin of the CUDA kernel (not generated).
+//
+// The same per-element program as dequant_4bit.cu (both call qm_block_absmax and qm_dequant_value
+// from dequant_4bit_core.h), arranged for a CPU: OpenMP threads take runs of whole blocks;
+// per block the 16 possible outputs (code[c] * absmax, rounded once to the output dtype) are
+// computed first, with the shared per-element function, into a 16-entry table, and then every
+// packed byte becomes two table lookups. That moves the arithmetic out of the inner loop: 16
+// multiplies per block instead of one per element, with bit-identical results (the same product,
+// the same rounding). The inner loop reads 8 packed bytes at a time and writes 16 outputs, both
+// through memcpy (a uint64_t* or uint4* view of a byte buffer would be undefined behaviour).
+// With AVX-512 (BW) the two lookups of 32 elements are one permute instruction.
+//
+// Built just in time by qlora_mini.kernels (torch.utils.cpp_extension.load, g++ -O3
+// -march=native -ffp-contract=off -fopenmp); it includes no torch header and is called through
+// ctypes with the plain-C QmDequantArgs of dequant_4bit.h.
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
+#include "dequant_4bit.h"
+#include "dequant_4bit_core.h"
+
+namespace {
+
+// Elements [first, first + m) of one block, whose 16 possible outputs are lut[0..15].
+template <typename Bits>
+inline void expand_scalar(const uint8_t* in, Bits* out, int64_t m, const Bits lut[16]) {
+    int64_t i = 0;
+    for (; i + 16 <= m; i += 16) {                        // 8 bytes in, 16 outputs out
+        uint64_t w;
+        memcpy(&w, in + i / 2, sizeof w);
+        Bits v[16];
+        for (int k = 0; k < 8; ++k) {                     // byte k: element 2k high, 2k+1 low
+            const uint32_t byte = static_cast<uint32_t>(w >> (8 * k)) & 0xFF;
+            v[2 * k] = lut[byte >> 4];
+            v[2 * k + 1] = lut[byte & 0xF];
+        }
+        memcpy(out + i, v, sizeof v);
+    }
+    for (; i < m; ++i) {                                  // ragged tail of the tensor
+        const uint8_t byte = in[i >> 1];
+        out[i] = lut[(i & 1) ? (byte & 0xF) : (byte >> 4)];
+    }
+}
+
+#if defined(__AVX512BW__)
+// 16 packed bytes -> 32 nibble indices in element order, as 32-bit lanes (hi | lo << 16).
+inline __m512i nibble_pairs(const uint8_t* in) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+    const __m512i hi = _mm512_srli_epi32(b, 4);
+    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0xF));
+    return _mm512_or_si512(hi, _mm512_slli_epi32(lo, 16));
+}
+
+// 16-bit outputs: a 16-entry table in one register, 32 elements per permute (vpermw).
+inline void expand_simd(const uint8_t* in, uint16_t* out, int64_t m, const uint16_t lut[16]) {
+    const __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(lut)));
+    int64_t i = 0;
+    for (; i + 32 <= m; i += 32)
+        _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(nibble_pairs(in + i / 2), table));
+    expand_scalar(in + i / 2, out + i, m - i, lut);
+}
+
+// 32-bit outputs: 16 lanes per permute (vpermd), two permutes per 16 packed bytes.
+inline void expand_simd(const uint8_t* in, uint32_t* out, int64_t m, const uint32_t lut[16]) {
+    const __m512i table = _mm512_loadu_si512(lut);
+    const __m512i lo_mask = _mm512_set1_epi32(0xF);
+    int64_t i = 0;
+    for (; i + 32 <= m; i += 32) {
+        const __m512i b = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2)));
+        const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), table);  // 2k
+        const __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(b, lo_mask), table);
+        // interleave: (hi0, lo0, hi1, lo1, ...) for bytes 0..7, then bytes 8..15
+        const __m512i first = _mm512_permutex2var_epi32(
+            hi, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), lo);
+        const __m512i second = _mm512_permutex2var_epi32(
+            hi, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
+            lo);
+        _mm512_storeu_si512(out + i, first);
+        _mm512_storeu_si512(out + i + 16, second);
+    }
+    expand_scalar(in + i / 2, out + i, m - i, lut);
+}
+#else
+template <typename Bits>
+inline void expand_simd(const uint8_t* in, Bits* out, int64_t m, const Bits lut[16]) {
+    expand_scalar(in, out, m, lut);
+}
+#endif
+
+// Blocks [b0, b1): per block, the table of its 16 outputs from the shared per-element function.
+template <int kOut, bool DQ>
+void dequant_blocks(const QmDequantArgs& a, int64_t b0, int64_t b1) {
+    typedef typename QmOut<kOut>::Bits Bits;
+    const int64_t bs = int64_t{1} << a.log2_blocksize;
+    Bits* out = static_cast<Bits*>(a.out);
+    for (int64_t block = b0; block < b1; ++block) {
+        const float absmax = qm_block_absmax<DQ>(a, block);
+        Bits lut[16];
+        for (int c = 0; c < 16; ++c) lut[c] = qm_dequant_value<kOut>(a.code[c], absmax);
+        const int64_t first = block * bs;
+        const int64_t m = (a.n - first < bs) ? a.n - first : bs;   // the last block may be ragged
+        expand_simd(a.packed + first / 2, out + first, m, lut);
+    }
+}
+
+// OpenMP threads take runs of whole blocks (>= 32 Ki elements each) from a shared counter
+// (dynamic schedule): on a busy machine a thread that loses its core does not hold up half the work.
+template <int kOut, bool DQ>
+void run(const QmDequantArgs& a, int n_threads) {
+    const int64_t bs = int64_t{1} << a.log2_blocksize;
+    const int64_t n_blocks = (a.n + bs - 1) / bs;
+    const int64_t grain = ((int64_t{1} << 15) + bs - 1) / bs;           // blocks per run
+    const int64_t runs = (n_blocks + grain - 1) / grain;
+    const int threads = static_cast<int>(runs < n_threads ? runs : n_threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < runs; ++r) {
+        const int64_t b1 = (r + 1) * grain;
+        dequant_blocks<kOut, DQ>(a, r * grain, b1 < n_blocks ? b1 : n_blocks);
+    }
+}
+
+// A large output that is still untouched (fresh from the allocator) would be faulted in 4 KiB
+// page by page as we write it, at a cost comparable to writing it. Asking Linux for 2 MiB pages on
+// its aligned interior makes that 512 times fewer faults. Only advice: contents are unchanged,
+// and an error (no transparent huge pages) changes nothing.
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = uintptr_t{2} << 20;
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(huge - 1);
+    if (bytes >= (int64_t{8} << 20) && end > begin)
+        madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+}  // namespace
+
+// Dequantize on the CPU with up to n_threads OpenMP threads. Returns NULL, or an error message.
+extern "C" const char* qlora_mini_dequantize_4bit_cpu(const QmDequantArgs* args, int n_threads) {
+    if (const char* err = qm_check_args(args)) return err;
+    if (args->n == 0) return nullptr;
+    advise_huge_pages(args->out, args->n * (args->out_dtype == QM_FLOAT32 ? 4 : 2));
+    QM_DISPATCH(run, *args, *args, n_threads < 1 ? 1 : n_threads);
+    return nullptr;
+}
+
+// Which inner loop this build uses (the chapter and kernels.active_path() report it).
+extern "C" const char* qlora_mini_dequantize_4bit_cpu_isa(void) {
+#if defined(__AVX512BW__)
+    return "avx512bw";
+#else
+    return "scalar";
+#endif
+}
