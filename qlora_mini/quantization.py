@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from qlora_mini.utils import ceil_div
+
 
 def _check_tensor(x, name: str = "x") -> None:
     """A non-empty floating-point tensor, or a TypeError/ValueError that names the argument."""
@@ -91,7 +93,8 @@ def round_to_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return order.to(x.device)[pos].to(torch.uint8)             # (...) uint8 index into code
 
 
-def _check_blocksize(blocksize) -> None:
+def _check_any_blocksize(blocksize) -> None:
+    """Any positive int (chapter 3's bitsandbytes storage allows fewer: check_bnb_blocksize)."""
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
 
@@ -100,36 +103,36 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor,
                        blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization of x to any codebook ``code`` (k,) with levels in [-1, 1].
 
-    x (...) float → (codes (n,) uint8 indices into code, absmax (n_blocks,) float32), with
+    x (...) float → (idx (n,) uint8 indices into code, absmax (n_blocks,) float32), with
     n = x.numel() and n_blocks = ceil(n / blocksize); the last block may be ragged.
     """
     _check_tensor(x)
     _check_finite(x)
     _check_code(code)
-    _check_blocksize(blocksize)
+    _check_any_blocksize(blocksize)
     flat = x.detach().float().reshape(-1)                                   # (n,) float32
-    n, n_blocks = flat.numel(), -(-flat.numel() // blocksize)
+    n, n_blocks = flat.numel(), ceil_div(flat.numel(), blocksize)
     blocks = F.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = blocks.abs().amax(dim=1)                                       # (n_blocks,) float32
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]              # (n_blocks, blocksize)
-    codes = round_to_code(scaled.clamp(-1, 1).reshape(-1)[:n], code)        # (n,) uint8
-    return codes, absmax
+    idx = round_to_code(scaled.clamp(-1, 1).reshape(-1)[:n], code)          # (n,) uint8
+    return idx, absmax
 
 
-def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+def dequantize_blockwise(idx: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                          blocksize: int, shape) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`: codes (n,) uint8, absmax (n_blocks,) float32 →
-    tensor of ``shape`` (n = prod(shape) values), float32: code[codes] times the block's absmax."""
+    """Inverse of :func:`quantize_blockwise`: idx (n,) uint8 indices into code, absmax
+    (n_blocks,) float32 → tensor of ``shape`` (n = prod(shape)), float32: code[idx] * absmax."""
     _check_code(code)
-    _check_blocksize(blocksize)
+    _check_any_blocksize(blocksize)
     n = math.prod(shape)
-    n_blocks = -(-n // blocksize)
-    if not isinstance(codes, torch.Tensor) or codes.numel() != n:
-        raise ValueError(f"codes must be a tensor of prod(shape) = {n} indices, got {codes!r:.60}")
+    n_blocks = ceil_div(n, blocksize)
+    if not isinstance(idx, torch.Tensor) or idx.numel() != n:
+        raise ValueError(f"idx must be a tensor of prod(shape) = {n} indices, got {idx!r:.60}")
     if not isinstance(absmax, torch.Tensor) or absmax.numel() != n_blocks:
         raise ValueError(f"absmax must hold ceil({n}/{blocksize}) = {n_blocks} values, "
                          f"got {getattr(absmax, 'numel', lambda: '?')()}")
-    values = code.float().to(codes.device)[codes.reshape(-1).long()]        # (n,) float32 in [-1, 1]
+    values = code.float().to(idx.device)[idx.reshape(-1).long()]            # (n,) float32 in [-1, 1]
     blocks = F.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     return (blocks * absmax.float().reshape(-1, 1)).reshape(-1)[:n].view(*shape)  # (*shape,) float32
 
@@ -175,15 +178,16 @@ def quantile_code_estimate(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((edges[:-1] + edges[1:]) / 2).float()                # (k,) float32
 
 
-def code_entropy(codes: torch.Tensor, k: int) -> float:
-    """Shannon entropy in bits of integer code indices in 0 .. k-1 (at most log2 k)."""
-    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
-        raise TypeError(f"codes must be an integer torch.Tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+def code_entropy(idx: torch.Tensor, k: int) -> float:
+    """Shannon entropy in bits of integer indices into a code, in 0 .. k-1 (at most log2 k)."""
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
+        raise TypeError("idx must be an integer torch.Tensor, got "
+                        f"{getattr(idx, 'dtype', type(idx).__name__)}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    flat = codes.reshape(-1).long()                              # (n,) int64
+    flat = idx.reshape(-1).long()                                # (n,) int64
     if flat.numel() == 0 or flat.min() < 0 or flat.max() >= k:
-        raise ValueError(f"codes must be non-empty and lie in 0 .. {k - 1}")
+        raise ValueError(f"idx must be non-empty and lie in 0 .. {k - 1}")
     p = torch.bincount(flat, minlength=k).double() / flat.numel()  # (k,) float64 frequencies
     p = p[p > 0]
     return float(-(p * p.log2()).sum())

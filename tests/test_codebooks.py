@@ -47,11 +47,17 @@ def test_nf4_structure():
     assert torch.all(code.diff() > 0)                   # sorted, 16 distinct levels
     assert code[0] == -1 and code[7] == 0 and code[15] == 1
     assert (code > 0).sum() == 8 and (code < 0).sum() == 7
-    assert NF4_OFFSET == 0.9677083
     # the positive levels are normal quantiles divided by the outermost one
     p = torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double().numpy()
     expect = torch.tensor(norm.ppf(p) / norm.ppf(NF4_OFFSET), dtype=torch.float32).flip(0)
     assert torch.allclose(code[8:], expect, atol=1e-6)
+
+
+def test_nf4_offset_is_the_papers_and_bitsandbytes():
+    """The outermost probability: the paper's 1 - delta with delta = (1/30 + 1/32) / 2 (halfway
+    between the 15- and 16-level spacings), and bitsandbytes' create_normal_map default."""
+    assert NF4_OFFSET == pytest.approx(1 - (1 / 30 + 1 / 32) / 2, abs=5e-8)
+    assert NF4_OFFSET == inspect.signature(F.create_normal_map).parameters["offset"].default
 
 
 def test_fp4_equals_bitsandbytes():
@@ -94,6 +100,6 @@ def test_nf4_has_the_lowest_error_on_gaussian_blocks_and_int4_beats_fp4():
     x = torch.randn(2**14, generator=torch.Generator().manual_seed(0))
     err = {}
     for name in ["nf4", "fp4", "int4"]:
-        codes, absmax = quantize_blockwise(x, get_code(name), 64)
-        err[name] = normalized_mse(x, dequantize_blockwise(codes, absmax, get_code(name), 64, x.shape))
+        idx, absmax = quantize_blockwise(x, get_code(name), 64)
+        err[name] = normalized_mse(x, dequantize_blockwise(idx, absmax, get_code(name), 64, x.shape))
     assert err["nf4"] < err["int4"] < err["fp4"]

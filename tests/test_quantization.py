@@ -53,10 +53,26 @@ def test_round_to_code_is_the_nearest_level(name):
     assert torch.allclose(dist[torch.arange(len(x)), idx], dist.min(dim=1).values)
 
 
-def test_storage_rounds_with_round_to_code():
-    """Chapter 3 has no nearest-code function of its own: its 4-bit codes come from this one."""
-    storage = pytest.importorskip("qlora_mini.storage")
-    assert storage.round_to_code is round_to_code
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_storage_indices_are_the_nearest_levels(quant_type):
+    """Chapter 3's 4-bit indices are chapter 1's nearest-level rounding, recomputed here another
+    way: the sorted position is the number of float32 cuts (midpoints between neighbouring
+    levels) strictly below the value, so a value on a cut goes to the lower level. The blocks
+    hold values on every cut and have absmax 1 (scaled == x)."""
+    from qlora_mini.storage import quantize_4bit, unpack_nibbles
+    code = get_code(quant_type)
+    order = torch.argsort(code, stable=True)                     # sorted position -> index
+    levels = code[order]
+    cuts = (levels[:-1] + levels[1:]) / 2                        # (15,) float32
+    x = randn(64, 64, seed=6).clamp(-0.99, 0.99)
+    x[:, 0] = 1.0
+    x[:, 1:16] = cuts                                            # every tie, in every block
+    packed, _ = quantize_4bit(x, 64, quant_type, double_quant=False)
+    idx = unpack_nibbles(packed, x.numel())
+    want = order[(x.reshape(-1, 1) > cuts[None, :]).sum(dim=1)]
+    assert torch.equal(idx, want)
+    dist = (x.reshape(-1, 1) - code[None, :]).abs()              # and it is a nearest level
+    assert torch.allclose(dist.gather(1, idx[:, None]), dist.min(dim=1, keepdim=True).values)
 
 
 def test_round_to_code_ties_go_to_the_lower_level():
@@ -71,13 +87,13 @@ def test_round_to_code_ties_go_to_the_lower_level():
 def test_blockwise_round_trip_properties(name, shape, blocksize):
     code = get_code(name)
     x = randn(*shape, seed=3)
-    codes, absmax = quantize_blockwise(x, code, blocksize)
+    idx, absmax = quantize_blockwise(x, code, blocksize)
     n = x.numel()
-    assert codes.dtype == torch.uint8 and codes.shape == (n,) and int(codes.max()) < 16
+    assert idx.dtype == torch.uint8 and idx.shape == (n,) and int(idx.max()) < 16
     assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(n / blocksize),)
     flat = torch.nn.functional.pad(x.reshape(-1), (0, absmax.numel() * blocksize - n))
     assert torch.equal(absmax, flat.view(-1, blocksize).abs().amax(dim=1))
-    x_hat = dequantize_blockwise(codes, absmax, code, blocksize, x.shape)
+    x_hat = dequantize_blockwise(idx, absmax, code, blocksize, x.shape)
     assert x_hat.shape == x.shape and x_hat.dtype == torch.float32
     # every value is within half the largest gap between levels (times its block's absmax)
     gap = code.sort().values.diff().max()
@@ -90,22 +106,22 @@ def test_blockwise_round_trip_properties(name, shape, blocksize):
 def test_blockwise_codebook_values_survive_exactly():
     code = get_code("nf4")
     x = code.repeat(4) * 3.0                      # blocks of 16 values, each block's absmax is 3
-    codes, absmax = quantize_blockwise(x, code, 16)
-    assert torch.equal(dequantize_blockwise(codes, absmax, code, 16, x.shape), x)
+    idx, absmax = quantize_blockwise(x, code, 16)
+    assert torch.equal(dequantize_blockwise(idx, absmax, code, 16, x.shape), x)
 
 
 def test_blockwise_zeros_stay_zeros():
     x = torch.zeros(100)
     for name in ["nf4", "fp4", "int4"]:
-        codes, absmax = quantize_blockwise(x, get_code(name), 64)
-        assert (dequantize_blockwise(codes, absmax, get_code(name), 64, x.shape) == 0).all()
+        idx, absmax = quantize_blockwise(x, get_code(name), 64)
+        assert (dequantize_blockwise(idx, absmax, get_code(name), 64, x.shape) == 0).all()
 
 
 def test_blockwise_linear_8bit_with_one_block_is_absmax_int8():
     x = randn(300)
-    codes, absmax = quantize_blockwise(x, linear_code(8), 512)
+    idx, absmax = quantize_blockwise(x, linear_code(8), 512)
     q, a = absmax_quantize(x)
-    assert torch.equal(codes.long() - 127, q.long()) and torch.equal(absmax[0], a)
+    assert torch.equal(idx.long() - 127, q.long()) and torch.equal(absmax[0], a)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -113,18 +129,18 @@ def test_blockwise_equals_bitsandbytes(quant_type):
     import bitsandbytes.functional as F
     W = randn(128, 192, seed=4)                    # in_features a multiple of 64 (bnb CPU bug)
     packed, qs = F.quantize_4bit(W, blocksize=64, quant_type=quant_type)
-    codes, absmax = quantize_blockwise(W, get_code(quant_type), 64)
-    bnb_codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=-1).view(-1)
-    assert torch.equal(codes, bnb_codes) and torch.equal(absmax, qs.absmax)
-    x_hat = dequantize_blockwise(codes, absmax, get_code(quant_type), 64, W.shape)
+    idx, absmax = quantize_blockwise(W, get_code(quant_type), 64)
+    bnb_idx = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=-1).view(-1)
+    assert torch.equal(idx, bnb_idx) and torch.equal(absmax, qs.absmax)
+    x_hat = dequantize_blockwise(idx, absmax, get_code(quant_type), 64, W.shape)
     assert torch.equal(x_hat, F.dequantize_4bit(packed, qs))
 
 
 def test_blockwise_works_with_an_unsorted_many_level_code():
     code = linear_code(6)[torch.randperm(63, generator=torch.Generator().manual_seed(5))]
     x = randn(1000)
-    codes, absmax = quantize_blockwise(x, code, 64)
-    x_hat = dequantize_blockwise(codes, absmax, code, 64, x.shape)
+    idx, absmax = quantize_blockwise(x, code, 64)
+    x_hat = dequantize_blockwise(idx, absmax, code, 64, x.shape)
     assert normalized_mse(x, x_hat) < 1e-3
 
 
@@ -155,9 +171,9 @@ def test_quantile_code_estimate_is_the_papers_formula():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quantile_code_entropy_is_about_bits(bits):
     x = randn(2**15)
-    codes = round_to_code(x, quantile_code(x, bits))
-    assert code_entropy(codes, 2**bits) > bits - 0.03
-    assert code_entropy(codes, 2**bits) <= bits + 1e-9
+    idx = round_to_code(x, quantile_code(x, bits))
+    assert code_entropy(idx, 2**bits) > bits - 0.03
+    assert code_entropy(idx, 2**bits) <= bits + 1e-9
 
 
 def test_uniform_levels_carry_less_entropy_than_quantile_levels():
@@ -186,15 +202,15 @@ def test_code_entropy_extremes():
     (lambda: quantize_blockwise(torch.ones(8), [0.0, 1.0], 64), TypeError, "code"),
     (lambda: quantize_blockwise(torch.ones(8), torch.zeros(300), 64), ValueError, "code"),
     (lambda: dequantize_blockwise(torch.zeros(7, dtype=torch.uint8), torch.ones(1),
-                                  get_code("nf4"), 64, (8,)), ValueError, "codes"),
+                                  get_code("nf4"), 64, (8,)), ValueError, "idx"),
     (lambda: dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(2),
                                   get_code("nf4"), 64, (8,)), ValueError, "absmax"),
     (lambda: quantile_code(torch.ones(8), 0), ValueError, "bits"),
     (lambda: quantile_code(torch.ones(8), 9), ValueError, "bits"),
     (lambda: quantile_code_estimate(torch.ones(8), 2.0), ValueError, "bits"),
     (lambda: linear_code(1), ValueError, "bits"),
-    (lambda: code_entropy(torch.ones(3), 4), TypeError, "codes"),
-    (lambda: code_entropy(torch.tensor([0, 5]), 4), ValueError, "codes"),
+    (lambda: code_entropy(torch.ones(3), 4), TypeError, "idx"),
+    (lambda: code_entropy(torch.tensor([0, 5]), 4), ValueError, "idx"),
     (lambda: code_entropy(torch.tensor([0, 1]), 0), ValueError, "k"),
     (lambda: normalized_mse(torch.ones(3), torch.ones(4)), ValueError, "x_hat"),
     (lambda: empirical_quantile(torch.ones(3), torch.tensor([1.5])), ValueError, "p"),
