@@ -18,8 +18,8 @@ from .linear4bit import Linear4bit, linear4bit_nbytes, quantize_model  # noqa: E
 from .memory import (SavedTensors, activation_bytes, count_parameters,  # noqa: E402  (chapter 5)
                      full_finetune_memory, qlora_memory, saved_tensor_bytes)
 from .model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402  (chapter 6: the default model)
-from .lora import (LoRALinear, load_adapter, merge_qlora, prepare_qlora,  # noqa: E402  (chapter 6)
-                   save_adapter, trainable_parameters)
+from .lora import LoRALinear, merge_qlora, prepare_qlora, trainable_parameters  # noqa: E402  (chapter 6)
+from .adapter import load_adapter, read_adapter, save_adapter  # noqa: E402  (chapter 6)
 from .paged import PagedAdamW  # noqa: E402  (chapter 7)
 from .data import DEFAULT_DATA, load_splits, stdlib_qa  # noqa: E402  (chapter 8; train/evaluate are commands: python -m qlora_mini.train)
 
@@ -30,6 +30,6 @@ __all__ = [
     "SavedTensors", "activation_bytes", "count_parameters", "full_finetune_memory",
     "qlora_memory", "saved_tensor_bytes",
     "DEFAULT_MODEL", "load_model", "load_tokenizer",
-    "LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "save_adapter",
+    "LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "read_adapter", "save_adapter",
     "trainable_parameters", "PagedAdamW", "DEFAULT_DATA", "load_splits", "stdlib_qa",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_mini.lora import load_adapter, save_adapter
+from qlora_mini.adapter import load_adapter, save_adapter
 from qlora_mini.model import atomic_dir
 
 

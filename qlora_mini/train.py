@@ -22,7 +22,8 @@ from qlora_mini.config import TrainConfig, load_config, presets
 from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
 from qlora_mini.evaluate import eval_loss
 from qlora_mini.linear4bit import linear_layer_names
-from qlora_mini.lora import add_lora, enable_gradient_checkpointing, prepare_qlora, save_adapter
+from qlora_mini.adapter import save_adapter
+from qlora_mini.lora import add_lora, enable_gradient_checkpointing, prepare_qlora
 from qlora_mini.model import atomic_dir, load_model, load_tokenizer
 from qlora_mini.paged import PagedAdamW
 from qlora_mini.plotting import figure

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from qlora_mini.linear4bit import Linear4bit
-from qlora_mini.lora import (LoRALinear, load_adapter, lora_layers, merge_qlora, prepare_qlora,
-                             save_adapter, trainable_parameters)
+from qlora_mini.adapter import load_adapter, save_adapter
+from qlora_mini.lora import LoRALinear, lora_layers, merge_qlora, prepare_qlora, trainable_parameters
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
