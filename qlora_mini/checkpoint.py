@@ -2,6 +2,9 @@
 # Chapter 8 — The Guanaco recipe
 """Checkpoints of a `python -m qlora_mini.train` run: atomic, resumable, never unpickled
 (chapter 8)."""
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import random
@@ -89,6 +92,7 @@ def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg) -> Path:
         sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
         (tmp / "trainer_state.json").write_text(json.dumps(
             {**state, "scheduler": sched_state, "rng": rng_scalars, "config": asdict(cfg)}))
+        _write_manifest(tmp)
 
     final = out / f"checkpoint-{step}"
     atomic_dir(final, write)
@@ -106,6 +110,51 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """manifest.json: bytes and sha256 of every file of the checkpoint, written last."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in files}
+    (folder / "manifest.json").write_text(json.dumps(entries, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (missing manifest, missing or changed file), or None."""
+    try:
+        entries = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest.json ({type(e).__name__})"
+    for name, want in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+            return f"{name} does not match its manifest (size or sha256)"
+    return None
+
+
+def latest_valid_checkpoint(out: Path, say=print) -> Path | None:
+    """The newest checkpoint whose files match its manifest; each one skipped is reported."""
+    for folder in reversed(checkpoints(out)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        say(f"resume: skipping {folder.name}: {problem}")
+    return None
+
+
+def stored_config(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())["config"]
+
+
 def load_checkpoint(folder: Path, model, opt, sched) -> dict:
     """Restore adapters, optimizer, scheduler and RNG from `folder`; returns the trainer state."""
     state = json.loads((folder / "trainer_state.json").read_text())
@@ -115,3 +164,44 @@ def load_checkpoint(folder: Path, model, opt, sched) -> dict:
     _set_rng_state(load_file(folder / "rng.safetensors"), state.pop("rng"))
     state.pop("config")
     return state
+
+
+class OutputInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on out/.lock for the duration of the block."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise OutputInUse(f"{out} is in use by another training run (pid {holder}); wait for "
+                          "it to finish or choose another --output") from None
+    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+RUN_FILES = ("adapter", "log.jsonl", "loss.png", "config.yaml")
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Remove what a kill left behind; refuse (or, with overwrite, clear) an earlier run."""
+    for stale in [*out.glob(".tmp-*"), *out.glob(".old-*")]:  # left by a kill during a save
+        shutil.rmtree(stale, ignore_errors=True)
+    old = [p for p in out.glob("checkpoint-*")]
+    if old and not (resume or overwrite):
+        raise FileExistsError(f"{out} holds {len(old)} checkpoint(s) of an earlier run: pass "
+                              "--resume to continue it or --overwrite to start afresh there")
+    if overwrite and not resume:
+        for p in old + [out / name for name in RUN_FILES]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

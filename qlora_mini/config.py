@@ -26,6 +26,7 @@ class TrainConfig:
     max_eval_samples: typing.Optional[int] = 1000
     source_max_len: int = 16
     target_max_len: int = 512
+    allow_long_sequences: bool = False  # True: source + target may exceed the model's positions
     train_on_source: bool = False      # False: loss on the targets only (prompt labels -100)
     group_by_length: bool = True
     quantize: bool = True              # False: plain LoRA on a 16/32-bit base
@@ -98,3 +99,64 @@ def load_config(config: str = "default", overrides: dict | None = None) -> Train
     values = {k: _coerce(k, v, str(path)) for k, v in raw.items()}
     values.update({k: _coerce(k, v, "command line") for k, v in (overrides or {}).items()})
     return TrainConfig(**values)
+
+
+CHOICES = {"dataset_format": ("auto", "oasst", "alpaca", "input-output"),
+           "quant_type": ("nf4", "fp4"), "compute_dtype": ("float32", "bfloat16", "float16"),
+           "optim": ("paged_adamw_32bit", "adamw_torch"),
+           "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine")}
+POSITIVE = ("source_max_len", "target_max_len", "lora_r", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_steps", "learning_rate", "lora_alpha",
+            "adam_epsilon")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm", "logging_steps", "save_steps", "eval_steps")
+UNIT = {"eval_fraction": (0, 1), "lora_dropout": (0, 1), "adam_beta1": (0, 1),
+        "adam_beta2": (0, 1), "warmup_ratio": (0, 1)}  # each in [low, high)
+
+
+def config_problems(cfg: TrainConfig) -> list[str]:
+    """Everything wrong with a config, one message per problem (empty when it is valid)."""
+    v = vars(cfg)
+    bad = [f"{k}={v[k]!r}: allowed {', '.join(c)}" for k, c in CHOICES.items() if v[k] not in c]
+    bad += [f"{k}={v[k]!r}: must be > 0" for k in POSITIVE if not v[k] > 0]
+    bad += [f"{k}={v[k]!r}: must be >= 0" for k in NON_NEGATIVE if not v[k] >= 0]
+    bad += [f"{k}={v[k]!r}: must be in [{lo}, {hi})" for k, (lo, hi) in UNIT.items()
+            if not lo <= v[k] < hi]
+    for k in ("max_eval_samples", "save_total_limit"):
+        if v[k] is not None and v[k] <= 0:
+            bad.append(f"{k}={v[k]!r}: must be > 0, or null for no limit")
+    t = cfg.target_modules
+    if t != "all-linear" and not (isinstance(t, list) and t):
+        bad.append(f"target_modules={t!r}: 'all-linear' or a non-empty list of module names")
+    return bad
+
+
+def length_problems(cfg: TrainConfig, max_positions: int | None) -> list[str]:
+    """Sequences longer than the model's position table train on garbage positions (or fail)."""
+    longest = cfg.source_max_len + cfg.target_max_len
+    if max_positions is None or cfg.allow_long_sequences or longest <= max_positions:
+        return []
+    return [f"source_max_len + target_max_len = {longest} exceeds the model's "
+            f"max_position_embeddings = {max_positions} (set allow_long_sequences: true to "
+            "train past it anyway)"]
+
+
+NEVER_ON_RESUME = ("lora_r", "target_modules")
+FREE_ON_RESUME = ("output", "max_steps", "logging_steps", "save_steps", "eval_steps",
+                  "save_total_limit", "max_eval_samples", "gradient_checkpointing")
+
+
+def resume_changes(stored: dict, cfg: TrainConfig, force: bool) -> tuple[list[str], list[str]]:
+    """(refused, applied): messages for each key whose value differs from the checkpoint's."""
+    refused, applied = [], []
+    for key, new in vars(cfg).items():
+        old = stored.get(key, new)
+        if old == new:
+            continue
+        change = f"{key}: {old!r} -> {new!r}"
+        if key in NEVER_ON_RESUME:
+            refused.append(f"{change} (the checkpoint's adapters have the old shape)")
+        elif key in FREE_ON_RESUME or force:
+            applied.append(change)
+        else:
+            refused.append(f"{change} (breaks exact continuation; pass --force to apply it)")
+    return refused, applied

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import re
+import sys
 import zlib
 from pathlib import Path
 
@@ -66,7 +67,11 @@ def read_local(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                         "UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for i, line in enumerate(text.splitlines(), 1):
@@ -131,6 +136,18 @@ def stdlib_qa(max_chars: int = 200) -> list[dict]:
     return records
 
 
+def _hub_dataset(source: str):
+    """datasets.load_dataset(source), saying first that no local file of that name exists."""
+    import datasets
+    print(f"data {source!r}: not found locally; treating it as a hub dataset id",
+          file=sys.stderr)
+    try:
+        return datasets.load_dataset(source)
+    except Exception as e:  # offline, no such dataset, no access: one clear line
+        raise ValueError(f"data {source!r} is not a local file and could not be loaded from "
+                         f"the hub ({type(e).__name__}: {e})") from None
+
+
 def load_splits(source: str = DEFAULT_DATA, fmt: str = "auto", eval_fraction: float = 0.1,
                 seed: int = 42) -> tuple[list[dict], list[dict]]:
     """(train, eval) lists of {"input", "output"} from the default, a local file or the hub."""
@@ -146,8 +163,7 @@ def load_splits(source: str = DEFAULT_DATA, fmt: str = "auto", eval_fraction: fl
         held, train = [raw[i] for i in order[:n_eval]], [raw[i] for i in order[n_eval:]]
         where = str(source)
     else:  # a hub dataset, e.g. timdettmers/openassistant-guanaco (needs the network)
-        import datasets
-        ds = datasets.load_dataset(source)
+        ds = _hub_dataset(source)
         train = list(ds["train"])
         held = list(ds["test"]) if "test" in ds else []
         where = source

@@ -149,6 +149,7 @@ def load_for_eval(model_name: str, adapter=None):
 
 
 def main(argv=None) -> dict:
+    from qlora_mini.adapter import read_adapter
     from qlora_mini.data import DEFAULT_DATA, load_splits, tokenize_example
     from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.evaluate", description=__doc__)
@@ -167,8 +168,11 @@ def main(argv=None) -> dict:
             args.mcq = make_stdlib_mcq(Path(tempfile.mkdtemp()) / "mcq")
         elif args.mcq:
             read_mcq_dir(args.mcq)  # fail before loading the model
+        if args.adapter is not None:
+            read_adapter(args.adapter)  # missing, truncated, non-finite: one line, exit 2
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     tokenizer, model = load_tokenizer(args.model), load_for_eval(args.model, args.adapter)
     pad_id = pad_token_id(tokenizer)
     result = {"heldout": eval_loss(model, [tokenize_example(tokenizer, r) for r in held], pad_id)}

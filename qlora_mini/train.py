@@ -5,9 +5,7 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,68 +15,16 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from qlora_mini.checkpoint import checkpoints, load_checkpoint, save_checkpoint
-from qlora_mini.config import TrainConfig, load_config, presets
+from qlora_mini.checkpoint import (OutputInUse, latest_valid_checkpoint, load_checkpoint,
+                                   prepare_output, run_lock, save_checkpoint, stored_config)
+from qlora_mini.config import (TrainConfig, config_problems, length_problems, load_config,
+                               presets, resume_changes)
 from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
 from qlora_mini.evaluate import eval_loss
-from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.adapter import save_adapter
-from qlora_mini.lora import add_lora, enable_gradient_checkpointing, prepare_qlora
-from qlora_mini.model import atomic_dir, load_model, load_tokenizer
-from qlora_mini.paged import PagedAdamW
+from qlora_mini.model import atomic_dir, load_tokenizer
 from qlora_mini.plotting import figure
-
-
-def build_model(cfg: TrainConfig):
-    """Load the base model, add LoRA adapters (on a 4-bit base unless quantize=False); on a CUDA
-    machine the prepared model moves to the GPU."""
-    model = load_model(cfg.model)
-    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    if cfg.quantize:
-        prepare_qlora(model, **lora, target_modules=cfg.target_modules,
-                      quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                      compute_dtype=getattr(torch, cfg.compute_dtype),
-                      gradient_checkpointing=cfg.gradient_checkpointing)
-    else:  # plain LoRA: the same layers on the 16/32-bit base, everything else frozen
-        model.requires_grad_(False)
-        add_lora(model, linear_layer_names(model, cfg.target_modules), **lora)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-    model.config.use_cache = False
-    if torch.cuda.is_available():  # quantized on the CPU above, so only 4-bit weights move
-        model.cuda()
-    return model
-
-
-def make_optimizer(cfg: TrainConfig, params):
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-              weight_decay=cfg.weight_decay)
-    if cfg.optim == "paged_adamw_32bit":
-        return PagedAdamW(params, **kw)
-    if cfg.optim == "adamw_torch":
-        return torch.optim.AdamW(params, foreach=False, **kw)
-    raise ValueError(f"optim={cfg.optim!r}; allowed: 'paged_adamw_32bit', 'adamw_torch'")
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of the learning rate at `step`, as transformers.get_scheduler computes it.
-    Note: HF's "constant" ignores warmup_ratio; the reference passes 0.03 with "constant",
-    so Guanaco trained without warmup."""
-    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
-    kind = cfg.lr_scheduler_type
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return step / max(1, warmup)
-    if kind == "constant_with_warmup":
-        return 1.0
-    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    if kind == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"lr_scheduler_type={kind!r}; allowed: constant, constant_with_warmup, "
-                     "linear, cosine")
+from qlora_mini.recipe import build_model, lr_factor, make_optimizer
 
 
 def _micro_batch(k: int, examples, lengths, cfg: TrainConfig, pad_id: int, cache: dict) -> dict:
@@ -130,45 +76,72 @@ class Run:
         return [p for group in self.opt.param_groups for p in group["params"]]
 
 
-def _prepare_output(out: Path, resume: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".tmp-*"), *out.glob(".old-*")]:  # left by a kill during a save
-        shutil.rmtree(stale, ignore_errors=True)
-    if not resume and checkpoints(out):
-        warnings.warn(f"{out} holds checkpoints of an earlier run; starting afresh (pass "
-                      "--resume to continue it instead)", stacklevel=3)
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
 
 
 def _examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     """The tokenized training and held-out examples of cfg.data."""
     train_recs, eval_recs = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
+    if not train_recs:
+        raise ValueError(f"data {cfg.data!r}: no training records (after holding out "
+                         f"eval_fraction={cfg.eval_fraction})")
     tok = lambda r: tokenize_example(tokenizer, r, cfg.source_max_len, cfg.target_max_len,
                                      cfg.train_on_source)
     eval_ex = [tok(r) for r in eval_recs]
     return [tok(r) for r in train_recs], eval_ex[:cfg.max_eval_samples or None]
 
 
-def setup_run(cfg: TrainConfig, resume: bool = False) -> Run:
+def _resume_point(cfg: TrainConfig, force: bool) -> Path | None:
+    """The newest valid checkpoint to resume from, after comparing its config with cfg."""
+    found = latest_valid_checkpoint(Path(cfg.output))
+    if found is None:
+        return None
+    refused, applied = resume_changes(stored_config(found), cfg, force)
+    if refused:
+        raise ValueError(f"resume from {found}: " + "; ".join(refused))
+    for change in applied:
+        print(f"resume: {change} (applied)")
+    return found
+
+
+def setup_run(cfg: TrainConfig, resume: bool = False, force: bool = False) -> Run:
     """Seed, load data, tokenizer and model, build the optimizer and schedule; with resume, load
-    the newest checkpoint in cfg.output and the log lines up to it."""
+    the newest valid checkpoint in cfg.output (config compared) and the log lines up to it."""
     out = Path(cfg.output)
-    _prepare_output(out, resume)
+    found = _resume_point(cfg, force) if resume else None
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex = _examples(cfg, tokenizer)
     model = build_model(cfg)
+    problems = length_problems(cfg, getattr(model.config, "max_position_embeddings", None))
+    if problems:
+        raise ValueError("; ".join(problems))
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     run = Run(cfg, out, model, opt, sched, train_ex, eval_ex, pad_token_id(tokenizer),
               {"step": 0, "microbatch": 0}, [])
-    found = checkpoints(out) if resume else []
     if found:
-        run.state = load_checkpoint(found[-1], model, opt, sched)
+        run.state = load_checkpoint(found, model, opt, sched)
+        if force:
+            _apply_hyperparameters(run)
         if (out / "log.jsonl").exists():  # drop what was logged after that checkpoint
             lines = (out / "log.jsonl").read_text().splitlines()
             run.records = [r for r in map(json.loads, lines) if r["step"] <= run.state["step"]]
     (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     return run
+
+
+def _apply_hyperparameters(run: Run) -> None:
+    """--force on resume: the requested optimizer and LoRA settings replace the checkpoint's."""
+    cfg = run.cfg
+    for group in run.opt.param_groups:
+        group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    run.sched.base_lrs = [cfg.learning_rate] * len(run.opt.param_groups)
+    for m in run.model.modules():
+        if hasattr(m, "lora_A"):
+            m.alpha, m.scaling = cfg.lora_alpha, cfg.lora_alpha / m.r
 
 
 def train_step(run: Run) -> dict:
@@ -185,6 +158,11 @@ def train_step(run: Run) -> dict:
         (loss / cfg.gradient_accumulation_steps).backward()
         loss_sum += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
+    if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+        raise TrainingDiverged(
+            f"step {state['step'] + 1}: loss {loss_sum / cfg.gradient_accumulation_steps} and "
+            f"gradient norm {float(grad_norm)}: not finite; stopped before the update (lower "
+            "learning_rate?). No adapter was written for this step.")
     lr = run.opt.param_groups[0]["lr"]
     run.opt.step(), run.sched.step(), run.opt.zero_grad(set_to_none=True)
     state["step"] += 1
@@ -207,10 +185,21 @@ def _evaluate_log_save(run: Run, rec: dict) -> None:
         save_checkpoint(run.out, run.model, run.opt, run.sched, run.state, cfg)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or, with resume, continue from the latest checkpoint in cfg.output) the recipe.
-    Returns {"step", "loss", "eval_loss", "eval_ppl", "output"}."""
-    run = setup_run(cfg, resume)
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
+          overwrite: bool = False) -> dict:
+    """Run (or, with resume, continue from the latest checkpoint in cfg.output) the recipe,
+    holding cfg.output's lock. Returns {"step", "loss", "eval_loss", "eval_ppl", "output"}."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    out = Path(cfg.output)
+    with run_lock(out):
+        prepare_output(out, resume, overwrite)
+        return _train(setup_run(cfg, resume, force), progress)
+
+
+def _train(run: Run, progress: bool) -> dict:
+    cfg = run.cfg
     run.model.train()
     bar = tqdm(total=cfg.max_steps, initial=run.state["step"], disable=not progress,
                desc="train")
@@ -229,14 +218,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             "output": str(run.out)}
 
 
+def _fail(problems: list, code: int = 2):
+    """User errors end the command with one line each on stderr, never a traceback."""
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    sys.exit(code)
+
+
 def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            _fail([f"--set expects key=value, got {item!r}"])
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            _fail([f"--set {item!r}: the value is not valid YAML"])
     return out
+
+
+def _json_safe(summary: dict) -> dict:
+    """NaN/inf become null: the summary line is always valid JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in summary.items()}
 
 
 def main(argv=None) -> dict:
@@ -247,7 +252,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--output", help="run directory: log.jsonl, loss.png, checkpoint-N/, adapter/")
     ap.add_argument("--max-steps", type=int, help="config key `max_steps`")
     ap.add_argument("--seed", type=int, help="config key `seed`")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint")
+    ap.add_argument("--force", action="store_true", help="with --resume: apply config changes "
+                    "that break exact continuation (learning rate, batch, data, ...)")
+    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --output that "
+                    "holds an earlier run (its checkpoints, log and adapter are removed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --set lora_r=16 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -258,10 +267,18 @@ def main(argv=None) -> dict:
             overrides[key] = getattr(args, key)
     try:
         cfg = load_config(args.config, overrides)
-        summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    print(json.dumps(summary))
+        _fail([e])
+    if config_problems(cfg):
+        _fail(config_problems(cfg))
+    try:
+        summary = train(cfg, resume=args.resume, progress=not args.no_progress,
+                        force=args.force, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, OutputInUse) as e:
+        _fail([e])
+    except TrainingDiverged as e:
+        _fail([e], code=3)
+    print(json.dumps(_json_safe(summary), allow_nan=False))
     return summary
 
 

@@ -1,6 +1,7 @@
 """`python -m qlora_mini.train` (chapter 8): runs, resumes exactly after SIGKILL, saves atomically."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_mini import train as T
+from qlora_mini.checkpoint import checkpoints
 from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def test_run_writes_log_plot_checkpoints(reference):
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 5))
     assert (out / "loss.png").stat().st_size > 0
-    assert [p.name for p in T.checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     ck = out / "checkpoint-2"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer_state.json"):
@@ -70,7 +72,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tiny, reference, 
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=120) == -signal.SIGKILL
-    assert [p.name for p in T.checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
     T.main(_args(tiny, tmp_path, "--resume"))
     assert _same(_adapter(tmp_path / "adapter"), _adapter(reference[0] / "adapter"))
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -88,32 +90,41 @@ def test_kill_during_save_leaves_no_broken_checkpoint(tiny, reference, tmp_path)
     assert not (tmp_path / "checkpoint-4").exists()          # never half-written under its name
     partial = list(tmp_path.glob(".tmp-checkpoint-4-*"))
     assert partial and (partial[0] / "adapter").is_dir() and not (partial[0] / "optimizer.json").exists()
-    assert [p.name for p in T.checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
     T.main(_args(tiny, tmp_path, "--resume"))
     assert not list(tmp_path.glob(".tmp-*"))
     assert _same(_adapter(tmp_path / "adapter"), _adapter(reference[0] / "adapter"))
 
 
-def test_bad_config_key(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="unknown config key 'lora_rank'"):
-        T.main(_args(tiny, tmp_path, "--set", "lora_rank=8"))
+def _cli_error(args, capsys) -> str:
+    """Run the command, expect exit code 2 (a user error, no traceback); return stderr."""
+    with pytest.raises(SystemExit) as e:
+        T.main(args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_config_key(tiny, tmp_path, capsys):
+    err = _cli_error(_args(tiny, tmp_path, "--set", "lora_rank=8"), capsys)
+    assert "unknown config key 'lora_rank'" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1e-4\nbatch_size: 4\n")
-    with pytest.raises(SystemExit, match="bad.yaml: unknown config key 'batch_size'"):
-        T.main(["--config", str(bad), "--model", str(tiny), "--output", str(tmp_path)])
-    with pytest.raises(SystemExit, match="lora_r='many' is not a valid int"):
-        T.main(_args(tiny, tmp_path, "--set", "lora_r=many"))
-    with pytest.raises(SystemExit, match="no such preset"):
-        T.main(["--config", "guanaco-1b", "--output", str(tmp_path)])
+    err = _cli_error(["--config", str(bad), "--model", str(tiny), "--output", str(tmp_path)], capsys)
+    assert "bad.yaml: unknown config key 'batch_size'" in err
+    assert "lora_r='many' is not a valid int" in _cli_error(
+        _args(tiny, tmp_path, "--set", "lora_r=many"), capsys)
+    assert "no such preset" in _cli_error(["--config", "guanaco-1b", "--output", str(tmp_path)],
+                                          capsys)
 
 
-def test_missing_data_file_and_malformed_record(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="data file not found: .*nope.jsonl"):
-        T.main(_args(tiny, tmp_path, "--data", str(tmp_path / "nope.jsonl")))
+def test_missing_data_file_and_malformed_record(tiny, tmp_path, capsys):
+    err = _cli_error(_args(tiny, tmp_path, "--data", str(tmp_path / "nope.jsonl")), capsys)
+    assert re.search("data file not found: .*nope.jsonl", err)
     data = tmp_path / "d.jsonl"
     data.write_text('{"input": "a", "output": "b"}\n' * 9 + '{"input": "a", "answer": "b"}\n')
-    with pytest.raises(SystemExit, match=r"d.jsonl \(\w+ record \d+\): missing field 'output'"):
-        T.main(_args(tiny, tmp_path, "--data", str(data), "--set", "dataset_format=input-output"))
+    err = _cli_error(_args(tiny, tmp_path / "o", "--data", str(data),
+                           "--set", "dataset_format=input-output"), capsys)
+    assert re.search(r"d.jsonl \(\w+ record \d+\): missing field 'output'", err)
 
 
 def test_presets_follow_the_paper():
