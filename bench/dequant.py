@@ -1,4 +1,6 @@
-"""Benchmark: NF4 + double quant → bf16 dequantization, qlora_mini's CUDA kernel vs bitsandbytes.
+"""Benchmark: 4-bit dequantization, qlora_mini's kernels vs bitsandbytes, on a GPU or a CPU.
+
+GPU mode (default): NF4 + double quant → bf16, the CUDA kernel.
 
 Effective bandwidth = the bytes that must move (packed codes + absmax codes + nested absmax read,
 bf16 output written) / time, for:
@@ -11,16 +13,28 @@ Each size is first checked bit for bit against bitsandbytes. Writes JSON to benc
 
     python bench/dequant.py                        # LLaMA shapes from 4096x4096 to 8192x22016
     python bench/dequant.py --sizes 4096x4096 --iters 20
+
+CPU mode (--cpu): the CPU twin through the public qlora_mini.dequantize_4bit (allocating its
+output, as bitsandbytes does) against bitsandbytes.functional.dequantize_4bit and a copy
+(``out.copy_(src)``, output size and dtype, preallocated), for NF4 and FP4, with and without
+double quant, to fp32/bf16/fp16, sizes 1024x1024 to 8192x22016. The contestants run in turns
+(round robin, a different one first each round) so that a busy machine slows them alike; medians
+after warm-up. Each configuration is first checked against bitsandbytes (equal values).
+
+    python bench/dequant.py --cpu                  # all sizes and configurations
+    python bench/dequant.py --cpu --sizes 1024x1024,4096x4096 --iters 7
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -113,10 +127,108 @@ def run(sizes=SIZES, warmup: int = 10, iters: int = 50) -> dict:
     return dict(environment(), config=config, results=rows)
 
 
+# ------------------------------------------------------------------------------------------ CPU
+
+CPU_SIZES = [(1024, 1024), (4096, 4096), (4096, 11008), (8192, 8192), (8192, 22016)]
+CPU_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def round_robin_ms(fns: dict, warmup: int, iters: int) -> dict:
+    """Median milliseconds of each fn, called in turns (each round starts with the next one)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, iters: int) -> dict:
+    import bitsandbytes.functional as F
+
+    import qlora_mini
+    from qlora_mini.storage import dequantize_path
+    dtype = getattr(torch, dtype_name)
+    qs.dtype = dtype
+    ours, theirs = qlora_mini.dequantize_4bit(packed, state, dtype), F.dequantize_4bit(p_bnb, qs)
+    if not torch.equal(ours, theirs.reshape(ours.shape)):
+        raise AssertionError(f"{tuple(state.shape)} {state.quant_type} -> {dtype_name}: differs from bnb")
+    src, dst = torch.empty_like(ours).copy_(theirs.reshape(ours.shape)), torch.empty_like(ours)
+    del ours, theirs
+    ms = round_robin_ms({
+        "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
+        "bitsandbytes": lambda: F.dequantize_4bit(p_bnb, qs),
+        "copy": lambda: dst.copy_(src),
+    }, warmup, iters)
+    n, out_bytes = state.numel, state.numel * dst.element_size()
+    moved = packed.numel() + state.nbytes() + out_bytes            # read codes + constants, write
+    return dict(quant_type=state.quant_type, double_quant=state.double_quant, dtype=dtype_name,
+                path=dequantize_path(packed, state, dtype), ms=ms,
+                bytes_moved={"qlora_mini": moved, "bitsandbytes": moved, "copy": 2 * out_bytes},
+                vs_bitsandbytes=ms["bitsandbytes"] / ms["qlora_mini"],
+                vs_copy=ms["copy"] / ms["qlora_mini"],
+                copy_gb_per_s=2 * out_bytes / (ms["copy"] * 1e-3) / 1e9,
+                qlora_mini_gb_per_s=moved / (ms["qlora_mini"] * 1e-3) / 1e9, n=n)
+
+
+def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES) -> dict:
+    """Every size × {nf4, fp4} × {double quant, not} × dtypes on the CPU; the JSON-ready record."""
+    import bitsandbytes
+    import bitsandbytes.functional as F
+
+    import qlora_mini
+    from qlora_mini import kernels
+    from qlora_mini.storage import from_bnb
+    started, load_before = time.perf_counter(), os.getloadavg()
+    rows = []
+    for r, c in sizes:
+        W = torch.randn(r, c, generator=torch.Generator().manual_seed(r * c % 2**31))
+        for quant_type in ("nf4", "fp4"):
+            for dq in (True, False):
+                p_bnb, qs = F.quantize_4bit(W, blocksize=BLOCKSIZE, quant_type=quant_type,
+                                            compress_statistics=dq)
+                packed, state = from_bnb(p_bnb, qs)
+                for dtype_name in dtypes:
+                    row = bench_cpu_config(packed, state, p_bnb, qs, dtype_name, warmup, iters)
+                    rows.append(dict(rows=r, cols=c, **row))
+                    print(f"{r}x{c} {quant_type} dq={dq!s:5} -> {dtype_name:8} "
+                          f"ours {row['ms']['qlora_mini']:8.2f} ms  bnb {row['ms']['bitsandbytes']:8.2f}"
+                          f"  copy {row['ms']['copy']:8.2f}   vs bnb {row['vs_bitsandbytes']:.2f}x"
+                          f"  vs copy {row['vs_copy']:.2f}x", flush=True)
+        del W
+    config = dict(blocksize=BLOCKSIZE, warmup=warmup, iters=iters, statistic="median",
+                  schedule="round robin", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
+                  bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
+                  copy_call="dst.copy_(src), preallocated, output size and dtype")
+    return dict(kind="cpu", device=f"{cpu_model()} ({os.cpu_count()} cores)", cpu=cpu_model(),
+                cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                bitsandbytes=bitsandbytes.__version__, qlora_mini=qlora_mini.__version__,
+                kernel_path=kernels.active_path("cpu"), python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                load_average_before=load_before, load_average_after=os.getloadavg(),
+                wall_s=round(time.perf_counter() - started, 1), config=config, results=rows)
+
+
 def save(record: dict, outdir: Path = RESULTS) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]).strip("-").lower()
-    path = outdir / f"dequant_{slug}_{record['date'][:10]}.json"
+    prefix = "dequant_cpu" if record.get("kind") == "cpu" else "dequant"
+    path = outdir / f"{prefix}_{slug}_{record['date'][:10]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -127,11 +239,23 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=parse_sizes, default=SIZES, help="e.g. 4096x4096,8192x22016")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--cpu", action="store_true", help="benchmark the CPU twin instead")
+    ap.add_argument("--sizes", type=parse_sizes, default=None, help="e.g. 4096x4096,8192x22016")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON file")
     args = ap.parse_args(argv)
+    if args.cpu:
+        record = run_cpu(args.sizes or CPU_SIZES, args.warmup or 3, args.iters or 9)
+        worst_bnb = min(r["vs_bitsandbytes"] for r in record["results"])
+        worst_copy = min(r["vs_copy"] for r in record["results"])
+        print(f"{record['device']}, {record['threads']} threads, torch {record['torch']}, "
+              f"bitsandbytes {record['bitsandbytes']}, load {record['load_average_before'][0]:.1f}"
+              f" -> {record['load_average_after'][0]:.1f}: worst ratio vs bnb {worst_bnb:.2f}x, "
+              f"vs copy {worst_copy:.2f}x")
+        print(f"wrote {save(record, args.out)}")
+        return 0
+    args.sizes, args.warmup, args.iters = args.sizes or SIZES, args.warmup or 10, args.iters or 50
     try:
         record = run(args.sizes, args.warmup, args.iters)
     except RuntimeError as e:

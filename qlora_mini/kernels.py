@@ -265,25 +265,20 @@ class _Args(ctypes.Structure):
 def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, list]:
     """QmDequantArgs for CPU tensors, and the contiguous tensors it points into (keep them alive).
     check_state has checked sizes and the absmax dtype; the float32 tables are checked here."""
-    for name in ("code", "nested_code", "nested_absmax", "offset"):
-        t = getattr(state, name)
-        if t is not None and (t.dtype != torch.float32 or t.is_cuda):
-            raise TypeError(f"state.{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    tables = (state.code, state.nested_code, state.nested_absmax, state.offset)
+    tables = tables if state.double_quant else tables[:1]
+    if any(t.dtype != torch.float32 or t.is_cuda for t in tables):
+        raise TypeError("state.code, .nested_code, .nested_absmax, .offset must be float32 CPU "
+                        f"tensors, got {[(t.dtype, t.device.type) for t in tables]}")
     if state.code.numel() != 16 or (state.double_quant and state.nested_code.numel() != 256):
         raise ValueError("state.code must hold 16 values and state.nested_code 256")
-    keep = [packed.reshape(-1).contiguous(), state.code.contiguous(), state.absmax.contiguous()]
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    a = _Args(packed=ptr(keep[0]), code=ptr(keep[1]), out=out.data_ptr(), n=state.numel,
-              log2_blocksize=state.blocksize.bit_length() - 1,
-              log2_nested_blocksize=state.nested_blocksize.bit_length() - 1,
-              out_dtype=OUT_DTYPES[out.dtype])
-    if state.double_quant:
-        nested = [state.nested_absmax.contiguous(), state.nested_code.contiguous(),
-                  state.offset.contiguous()]
-        keep += nested
-        a.absmax_q, a.nested_absmax, a.nested_code, a.offset = ptr(keep[2]), *map(ptr, nested)
-    else:
-        a.absmax = ptr(keep[2])
+    keep = [t.contiguous() for t in (packed, state.absmax, *tables)]
+    p = [t.data_ptr() for t in keep]
+    dq = state.double_quant                              # absmax: fp32 values or uint8 indices
+    a = _Args(p[0], p[2], None if dq else p[1], p[1] if dq else None,
+              p[4] if dq else None, p[3] if dq else None, p[5] if dq else None, out.data_ptr(),
+              state.numel, state.blocksize.bit_length() - 1,
+              state.nested_blocksize.bit_length() - 1, OUT_DTYPES[out.dtype])
     return a, keep
 
 
@@ -343,7 +338,13 @@ def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState4bit, dtype=None,
         raise ValueError("dequantize_4bit_cpu takes CPU tensors")
     if _build_cpu() is None:
         raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
-    out = _out_buffer(state, dtype, packed.device, out)
+    return _cpu_backend(packed, state, dtype, out)
+
+
+def _cpu_backend(packed, state, dtype, out=None) -> torch.Tensor:
+    """The CPU twin on arguments already checked (storage.dequantize_4bit has checked them)."""
+    out = _out_buffer(state, dtype, packed.device, out) if out is not None else \
+        torch.empty(state.shape, dtype=dtype)
     a, keep = _c_args(packed, state, out)
     err = _cpu_lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
     if err:
@@ -393,4 +394,4 @@ register_dequantize_backend("cuda kernel", lambda packed, state, dtype: packed.i
                             dequantize_4bit_cuda)
 register_dequantize_backend("cpu kernel",
                             lambda packed, state, dtype: packed.device.type == "cpu" and cpu_available(),
-                            dequantize_4bit_cpu)
+                            _cpu_backend)

@@ -49,14 +49,15 @@ QM_HD uint32_t qm_float_bits(float v) {
 #endif
 }
 
-// float -> bfloat16 bits, round to nearest even (NaN -> 0x7FC0, as PyTorch does).
+// float -> bfloat16 bits, round to nearest even (NaN -> 0x7FC0, as PyTorch does). The host
+// versions are branch-free (selects), so that a compiler can vectorize a loop over them.
 QM_HD uint16_t qm_bf16_bits(float v) {
 #if defined(__CUDA_ARCH__)
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 #else
     const uint32_t u = qm_float_bits(v);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 #endif
 }
 
@@ -67,17 +68,17 @@ QM_HD uint16_t qm_f16_bits(float v) {
 #else
     const uint32_t u = qm_float_bits(v);
     const uint32_t sign = (u >> 16) & 0x8000u, mag = u & 0x7FFFFFFFu;
-    if (mag > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);        // NaN
-    if (mag >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);       // >= 65520: inf
-    if (mag >= 0x38800000u) {                                                   // normal half
-        const uint32_t r = mag - 0x38000000u;                                   // rebias 127 -> 15
-        return static_cast<uint16_t>(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
-    }
+    const uint32_t r = mag - 0x38000000u;                       // normal half: rebias 127 -> 15
+    const uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
     // Subnormal half (|v| < 2^-14): adding 0.5f puts the units of 2^-24 in the low mantissa
     // bits, and the float addition itself rounds to nearest even.
     float f;
     memcpy(&f, &mag, sizeof f);
-    return static_cast<uint16_t>(sign | (qm_float_bits(f + 0.5f) - 0x3F000000u));
+    const uint32_t subnormal = qm_float_bits(f + 0.5f) - 0x3F000000u;
+    uint32_t h = mag >= 0x38800000u ? normal : subnormal;
+    h = mag >= 0x477FF000u ? 0x7C00u : h;                       // >= 65520 rounds to inf
+    h = mag > 0x7F800000u ? 0x7E00u : h;                        // NaN
+    return static_cast<uint16_t>(sign | h);
 #endif
 }
 

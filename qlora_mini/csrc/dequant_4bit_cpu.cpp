@@ -49,68 +49,87 @@ inline void expand_scalar(const uint8_t* in, Bits* out, int64_t m, const Bits lu
     }
 }
 
-#if defined(__AVX512BW__)
-// 16 packed bytes -> 32 nibble indices in element order, as 32-bit lanes (hi | lo << 16).
-inline __m512i nibble_pairs(const uint8_t* in) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
-    const __m512i hi = _mm512_srli_epi32(b, 4);
-    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0xF));
-    return _mm512_or_si512(hi, _mm512_slli_epi32(lo, 16));
-}
-
-// 16-bit outputs: a 16-entry table in one register, 32 elements per permute (vpermw).
-inline void expand_simd(const uint8_t* in, uint16_t* out, int64_t m, const uint16_t lut[16]) {
-    const __m512i table = _mm512_castsi256_si512(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(lut)));
-    int64_t i = 0;
-    for (; i + 32 <= m; i += 32)
-        _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(nibble_pairs(in + i / 2), table));
-    expand_scalar(in + i / 2, out + i, m - i, lut);
-}
-
-// 32-bit outputs: 16 lanes per permute (vpermd), two permutes per 16 packed bytes.
-inline void expand_simd(const uint8_t* in, uint32_t* out, int64_t m, const uint32_t lut[16]) {
-    const __m512i table = _mm512_loadu_si512(lut);
-    const __m512i lo_mask = _mm512_set1_epi32(0xF);
-    int64_t i = 0;
-    for (; i + 32 <= m; i += 32) {
-        const __m512i b = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2)));
-        const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), table);  // 2k
-        const __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(b, lo_mask), table);
-        // interleave: (hi0, lo0, hi1, lo1, ...) for bytes 0..7, then bytes 8..15
-        const __m512i first = _mm512_permutex2var_epi32(
-            hi, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), lo);
-        const __m512i second = _mm512_permutex2var_epi32(
-            hi, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
-            lo);
-        _mm512_storeu_si512(out + i, first);
-        _mm512_storeu_si512(out + i + 16, second);
+// Blocks [b0, b1): per block, the table of its 16 outputs, then two lookups per packed byte.
+template <int kOut, bool DQ>
+void dequant_blocks_scalar(const QmDequantArgs& a, int64_t b0, int64_t b1) {
+    typedef typename QmOut<kOut>::Bits Bits;
+    const int64_t bs = int64_t{1} << a.log2_blocksize;
+    for (int64_t block = b0; block < b1; ++block) {
+        const float absmax = qm_block_absmax<DQ>(a, block);
+        Bits lut[16];                                         // the shared per-element function
+        for (int c = 0; c < 16; ++c) lut[c] = qm_dequant_value<kOut>(a.code[c], absmax);
+        const int64_t first = block * bs;
+        const int64_t m = (a.n - first < bs) ? a.n - first : bs;   // the last block may be ragged
+        expand_scalar(a.packed + first / 2, static_cast<Bits*>(a.out) + first, m, lut);
     }
-    expand_scalar(in + i / 2, out + i, m - i, lut);
 }
-#else
-template <typename Bits>
-inline void expand_simd(const uint8_t* in, Bits* out, int64_t m, const Bits lut[16]) {
-    expand_scalar(in, out, m, lut);
-}
-#endif
 
-// Blocks [b0, b1): per block, the table of its 16 outputs from the shared per-element function.
+#if defined(__AVX512BW__)
+// The same blocks with AVX-512. The table is qm_dequant_value on 16 lanes at once: the same fp32
+// product (vmulps, never fused), the same rounding (bf16: the integer round-to-nearest-even of
+// qm_bf16_bits; fp16: vcvtps2ph, the IEEE conversion), bit for bit (tests/test_kernels.py checks
+// ties, subnormals and overflow). Then 32 outputs per permute: vpermw (16-bit), vpermd (32-bit).
+inline __m512i nibbles_as_pairs(const uint8_t* in) {        // 16 bytes -> 16 lanes (hi | lo << 16)
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0xF));
+    return _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(lo, 16));
+}
+
+template <int kOut>
+inline __m512i table16(__m512 code, float absmax) {         // the 16 outputs' bits, one per lane
+    const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(absmax));
+    if (kOut == QM_FLOAT32) return _mm512_castps_si512(v);
+    if (kOut == QM_FLOAT16)
+        return _mm512_castsi256_si512(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m512i u = _mm512_castps_si512(v);               // bfloat16, as qm_bf16_bits
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                  _mm512_set1_epi32(0x7F800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r));
+}
+
 template <int kOut, bool DQ>
 void dequant_blocks(const QmDequantArgs& a, int64_t b0, int64_t b1) {
     typedef typename QmOut<kOut>::Bits Bits;
     const int64_t bs = int64_t{1} << a.log2_blocksize;
-    Bits* out = static_cast<Bits*>(a.out);
+    const __m512 code = _mm512_loadu_ps(a.code);
+    const __m512i lo_mask = _mm512_set1_epi32(0xF);
+    const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
     for (int64_t block = b0; block < b1; ++block) {
-        const float absmax = qm_block_absmax<DQ>(a, block);
-        Bits lut[16];
-        for (int c = 0; c < 16; ++c) lut[c] = qm_dequant_value<kOut>(a.code[c], absmax);
+        const __m512i table = table16<kOut>(code, qm_block_absmax<DQ>(a, block));
         const int64_t first = block * bs;
         const int64_t m = (a.n - first < bs) ? a.n - first : bs;   // the last block may be ragged
-        expand_simd(a.packed + first / 2, out + first, m, lut);
+        const uint8_t* in = a.packed + first / 2;
+        Bits* out = static_cast<Bits*>(a.out) + first;
+        int64_t i = 0;
+        for (; i + 32 <= m; i += 32) {                        // 16 bytes in, 32 outputs out
+            if (sizeof(Bits) == 2) {
+                _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(nibbles_as_pairs(in + i / 2), table));
+            } else {
+                const __m512i b = _mm512_cvtepu8_epi32(
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2)));
+                const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), table);
+                const __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(b, lo_mask), table);
+                _mm512_storeu_si512(out + i, _mm512_permutex2var_epi32(hi, first_half, lo));
+                _mm512_storeu_si512(out + i + 16, _mm512_permutex2var_epi32(hi, second_half, lo));
+            }
+        }
+        if (i < m) {                                          // ragged tail of the tensor
+            alignas(64) Bits lut[32];
+            _mm512_store_si512(lut, table);
+            expand_scalar(in + i / 2, out + i, m - i, lut);
+        }
     }
 }
+#else
+template <int kOut, bool DQ>
+void dequant_blocks(const QmDequantArgs& a, int64_t b0, int64_t b1) {
+    dequant_blocks_scalar<kOut, DQ>(a, b0, b1);
+}
+#endif
 
 // OpenMP threads take runs of whole blocks (>= 32 Ki elements each) from a shared counter
 // (dynamic schedule): on a busy machine a thread that loses its core does not hold up half the work.
