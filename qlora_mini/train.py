@@ -274,7 +274,7 @@ def main(argv=None) -> dict:
     try:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress,
                         force=args.force, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, OutputInUse) as e:
+    except (ValueError, OSError, OutputInUse) as e:  # OSError: files, a model not found
         _fail([e])
     except TrainingDiverged as e:
         _fail([e], code=3)
