@@ -296,22 +296,29 @@ def _build_cpu():
         _cpu_error = "disabled by QLORA_MINI_CPU_KERNEL=0"
         return None
     try:
-        from torch.utils.cpp_extension import load
-        tag = _sources_hash(*CPU_CFLAGS, platform.machine(), _cpu_model())
-        path = load(name=f"qlora_mini_dequant_4bit_cpu_{tag}", sources=[str(CPU_SRC)],
-                    extra_include_paths=[str(CSRC)], extra_cflags=CPU_CFLAGS,
-                    extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        lib = ctypes.CDLL(path)
-        lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
-        lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
-        lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
-        _cpu_lib = lib
+        _cpu_lib = build_cpu_library()
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
         last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         _cpu_error = f"build failed: {type(e).__name__}: {last}"
         warnings.warn(f"qlora_mini: the CPU dequantization kernel did not build, CPU tensors use "
                       f"the PyTorch reference instead.\n{type(e).__name__}: {e}", RuntimeWarning)
     return _cpu_lib
+
+
+def build_cpu_library(extra_cflags=()) -> ctypes.CDLL:
+    """JIT-build csrc/dequant_4bit_cpu.cpp with torch.utils.cpp_extension.load (ninja, g++; cached
+    in torch's extension folder under a name hashing the sources, flags and CPU model)."""
+    from torch.utils.cpp_extension import load
+    flags = [*CPU_CFLAGS, *extra_cflags]
+    tag = _sources_hash(*flags, platform.machine(), _cpu_model())
+    path = load(name=f"qlora_mini_dequant_4bit_cpu_{tag}", sources=[str(CPU_SRC)],
+                extra_include_paths=[str(CSRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                is_python_module=False, verbose=False)
+    lib = ctypes.CDLL(path)
+    lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
+    lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+    lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
+    return lib
 
 
 def _cpu_model() -> str:
@@ -338,15 +345,15 @@ def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState4bit, dtype=None,
         raise ValueError("dequantize_4bit_cpu takes CPU tensors")
     if _build_cpu() is None:
         raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
-    return _cpu_backend(packed, state, dtype, out)
+    out = _out_buffer(state, dtype, packed.device, out)
+    return _cpu_backend(packed, state, out.dtype, out)
 
 
-def _cpu_backend(packed, state, dtype, out=None) -> torch.Tensor:
+def _cpu_backend(packed, state, dtype, out=None, lib=None) -> torch.Tensor:
     """The CPU twin on arguments already checked (storage.dequantize_4bit has checked them)."""
-    out = _out_buffer(state, dtype, packed.device, out) if out is not None else \
-        torch.empty(state.shape, dtype=dtype)
+    out = torch.empty(state.shape, dtype=dtype) if out is None else out
     a, keep = _c_args(packed, state, out)
-    err = _cpu_lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
+    err = (lib or _cpu_lib).qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
     if err:
         raise RuntimeError(err.decode())
     return out

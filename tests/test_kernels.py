@@ -182,6 +182,23 @@ def test_cpu_twin_bit_exact_vs_reference_and_by_hand(quant_type, dq):
             assert_bit_exact(kernels.dequantize_4bit_cpu(packed, state, dtype, out=shifted), want, case)
 
 
+def test_cpu_twin_without_avx512_is_bit_exact_too():
+    """The portable inner loop (the scalar per-element function, for CPUs without AVX-512),
+    built with -mno-avx512f, on ragged sizes and every dtype."""
+    require_cpu_kernel()
+    if __import__("platform").machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-mno-avx512f is an x86 flag")
+    lib = kernels.build_cpu_library(["-mno-avx512f"])
+    assert lib.qlora_mini_dequantize_4bit_cpu_isa() == b"scalar"
+    for i, (shape, blocksize) in enumerate(CPU_CASES[:6]):
+        for quant_type, dq in (("nf4", True), ("fp4", False)):
+            packed, state = quantize_4bit(fresh(shape, 20 + i), blocksize, quant_type, dq)
+            for dtype in DTYPES:
+                out = torch.full(shape, float("nan"), dtype=dtype)
+                got = kernels._cpu_backend(packed, state, dtype, out, lib=lib)
+                assert_bit_exact(got, decode_by_hand(packed, state, dtype), f"{shape} {dtype}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_twin_rounds_like_numpy_and_torch_over_the_float_range(dtype):
     """Every index is 15 (NF4's 1.0), so each output is its block's absmax rounded to dtype; the
