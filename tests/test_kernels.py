@@ -16,7 +16,7 @@ import torch
 
 import qlora_mini  # noqa: F401  (silences bitsandbytes' log line)
 import bitsandbytes.functional as F
-from qlora_mini import kernels
+from qlora_mini import kernel_checks, kernels
 from qlora_mini.storage import (_dequantize_4bit_torch, dequantize_4bit, dequantize_path, from_bnb,
                                 quantize_4bit, to_bnb)
 from qlora_mini.utils import in_ci
@@ -43,7 +43,7 @@ def assert_bit_exact(got: torch.Tensor, want: torch.Tensor, case=""):
 
 def require_nvcc():
     """In CI the compile checks must run: a missing nvcc is a failure there, a skip elsewhere."""
-    if kernels.find_nvcc() is None:
+    if kernel_checks.find_nvcc() is None:
         if in_ci():
             pytest.fail("running in CI but nvcc was not found: the CUDA kernel must compile in CI")
         pytest.skip("nvcc not found (outside CI the nvcc compile checks are optional)")
@@ -86,7 +86,7 @@ def decode_by_hand(packed, state, dtype):
 
 def test_compile_check_all_archs(tmp_path):
     require_nvcc()
-    records = kernels.compile_check(kernels.ARCHS, tmp_path)   # CompileError fails the test
+    records = kernel_checks.compile_check(kernel_checks.ARCHS, tmp_path)   # CompileError fails the test
     assert [r["arch"] for r in records] == ["sm_80", "sm_86", "sm_89", "sm_90"]
     for r in records:
         assert r["cubin_bytes"] > 0 and r["kernels"] == 6, r      # 3 dtypes x (DQ, no DQ)
@@ -95,7 +95,7 @@ def test_compile_check_all_archs(tmp_path):
 
 def test_ptx_has_wide_accesses_and_no_fma(tmp_path):
     require_nvcc()
-    s = kernels.ptx_summary("sm_90", tmp_path)
+    s = kernel_checks.ptx_summary("sm_90", tmp_path)
     assert s["wide_loads"] >= 6 and s["wide_stores"] >= 6, s    # 16-byte loads/stores in every kernel
     assert s["fma"] == 0, s                                     # bit-exactness: no fused multiply-add
     assert s["local"] == 0, s                                   # no local-memory arrays
@@ -114,10 +114,10 @@ def test_host_emulation_bit_exact(quant_type, dq):
         for dtype in DTYPES:
             want = _dequantize_4bit_torch(packed, state, dtype)
             out = torch.full(shape, float("nan"), dtype=dtype)
-            assert_bit_exact(kernels.dequantize_4bit_host(packed, state, dtype, out=out), want)
+            assert_bit_exact(kernel_checks.dequantize_4bit_host(packed, state, dtype, out=out), want)
             buf = torch.full((want.numel() + 1,), float("nan"), dtype=dtype)
             shifted = buf[1:].view(shape)                         # 2 or 4 bytes off 16-byte alignment
-            assert_bit_exact(kernels.dequantize_4bit_host(packed, state, dtype, out=shifted), want)
+            assert_bit_exact(kernel_checks.dequantize_4bit_host(packed, state, dtype, out=shifted), want)
 
 
 def test_host_emulation_matches_bitsandbytes():
@@ -132,7 +132,7 @@ def test_host_emulation_matches_bitsandbytes():
             for dtype in DTYPES:
                 p, qs = to_bnb(packed, state)
                 qs.dtype = dtype
-                got, want = kernels.dequantize_4bit_host(packed, state, dtype), F.dequantize_4bit(p, qs)
+                got, want = kernel_checks.dequantize_4bit_host(packed, state, dtype), F.dequantize_4bit(p, qs)
                 if quant_type == "nf4":
                     assert_bit_exact(got, want)
                 else:
@@ -143,11 +143,11 @@ def test_host_emulation_matches_bitsandbytes():
 
 def test_torch_binding_compiles_on_host():
     """The CUDA kernel's torch binding, type-checked by g++ against torch's headers (no GPU)."""
-    if kernels.cuda_include_dir() is None or __import__("shutil").which("g++") is None:
+    if kernel_checks.cuda_include_dir() is None or __import__("shutil").which("g++") is None:
         if in_ci():
             pytest.fail("running in CI but g++ or the CUDA headers are missing")
         pytest.skip("g++ or the CUDA headers are missing")
-    kernels.binding_syntax_check()                              # CompileError fails the test
+    kernel_checks.binding_syntax_check()                              # CompileError fails the test
 
 
 # ------------------------------------------------------------------ (b) the CPU twin
@@ -363,20 +363,20 @@ def test_find_nvcc_via_cuda_home(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
-    assert kernels.find_nvcc() == str(fake)
+    assert kernel_checks.find_nvcc() == str(fake)
 
 
 def test_compile_check_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="arch"):
-        kernels.compile_check(["90"], tmp_path)
-    monkeypatch.setattr(kernels, "find_nvcc", lambda: None)
-    with pytest.raises(kernels.CompileError, match="nvcc not found"):
-        kernels.compile_check(["sm_90"], tmp_path)
+        kernel_checks.compile_check(["90"], tmp_path)
+    monkeypatch.setattr(kernel_checks, "find_nvcc", lambda: None)
+    with pytest.raises(kernel_checks.CompileError, match="nvcc not found"):
+        kernel_checks.compile_check(["sm_90"], tmp_path)
 
 
 def test_out_buffer_is_checked():
     packed, state = quantize_4bit(fresh((4, 64), 0), 64, "nf4", True)
     with pytest.raises(ValueError, match="out must be"):
-        kernels.dequantize_4bit_host(packed, state, torch.bfloat16, out=torch.empty(4, 64))
+        kernel_checks.dequantize_4bit_host(packed, state, torch.bfloat16, out=torch.empty(4, 64))
     with pytest.raises(TypeError, match="dtype"):
-        kernels.dequantize_4bit_host(packed, state, torch.int8)
+        kernel_checks.dequantize_4bit_host(packed, state, torch.int8)
