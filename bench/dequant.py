@@ -45,11 +45,11 @@ SIZES = [(4096, 4096), (4096, 11008), (5120, 13824), (8192, 8192), (8192, 22016)
 BLOCKSIZE = 64
 
 
-def bytes_moved(n: int, blocksize: int = BLOCKSIZE, nested: int = 256) -> int:
-    """Minimum traffic of NF4+DQ → bf16: n/2 packed + n/blocksize uint8 absmax codes + 4 bytes
-    per nested block read, 2n written (the two codebooks and the offset are negligible)."""
-    n_blocks = -(-n // blocksize)
-    return -(-n // 2) + n_blocks + 4 * -(-n_blocks // nested) + 2 * n
+def bytes_moved(n: int, blocksize: int = BLOCKSIZE) -> int:
+    """Minimum traffic of NF4+DQ → bf16: everything stored read (chapter 3's storage_nbytes:
+    packed codes, uint8 absmax codes, nested absmax, offset), 2n written."""
+    from qlora_mini.storage import storage_nbytes
+    return storage_nbytes(n, blocksize, double_quant=True) + 2 * n
 
 
 def time_ms(fn, warmup: int, iters: int, flush: torch.Tensor) -> float:
@@ -133,16 +133,6 @@ CPU_SIZES = [(1024, 1024), (4096, 4096), (4096, 11008), (8192, 8192), (8192, 220
 CPU_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def round_robin_ms(fns: dict, warmup: int, iters: int) -> dict:
     """Median milliseconds of each fn, called in turns (each round starts with the next one)."""
     names = list(fns)
@@ -215,8 +205,7 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
                   schedule="round robin", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
                   copy_call="dst.copy_(src), preallocated, output size and dtype")
-    return dict(kind="cpu", device=f"{cpu_model()} ({os.cpu_count()} cores)", cpu=cpu_model(),
-                cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+    return dict(kind="cpu", device=kernels.cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 bitsandbytes=bitsandbytes.__version__, qlora_mini=qlora_mini.__version__,
                 kernel_path=kernels.active_path("cpu"), python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -214,6 +214,13 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def cpu_name() -> str:
+    """This machine's CPU model and its number of cores, for benchmark records and the book."""
+    model = _cpu_model()
+    model = model.split(":", 1)[1].strip() if model.startswith("model name") else model
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def cpu_available() -> bool:
     """True when the CPU twin built (first call builds it: a few seconds, then cached on disk)."""
     return _build_cpu() is not None

@@ -1,14 +1,14 @@
 // qlora_mini/csrc/dequant_4bit_cpu.cpp: hand-written CPU twin of the CUDA kernel (not generated).
 //
-// The same per-element program as dequant_4bit.cu (both call qm_block_absmax and qm_dequant_value
-// from dequant_4bit_core.h), arranged for a CPU: OpenMP threads take runs of whole blocks;
-// per block the 16 possible outputs (code[c] * absmax, rounded once to the output dtype) are
-// computed first, with the shared per-element function, into a 16-entry table, and then every
-// packed byte becomes two table lookups. That moves the arithmetic out of the inner loop: 16
-// multiplies per block instead of one per element, with bit-identical results (the same product,
-// the same rounding). The inner loop reads 8 packed bytes at a time and writes 16 outputs, both
-// through memcpy (a uint64_t* or uint4* view of a byte buffer would be undefined behaviour).
-// With AVX-512 (BW) the two lookups of 32 elements are one permute instruction.
+// The same per-element program as dequant_4bit.cu (both include dequant_4bit_core.h), arranged
+// for a CPU. OpenMP threads take runs of whole blocks. Per block, the 16 possible outputs
+// (code[c] * absmax, rounded once to the output dtype) are computed first into a table, and then
+// every packed byte becomes two table lookups: 16 multiplies per block instead of one per element,
+// with bit-identical results (the same product, the same rounding). Two inner loops:
+// - portable: the table from the shared per-element function qm_dequant_value; 8 packed bytes in
+//   and 16 outputs out per step, both through memcpy (a uint64_t* or uint4* view of a byte buffer
+//   would be undefined behaviour in C++);
+// - AVX-512 (BW): the same table on 16 lanes at once, and 32 outputs per permute instruction.
 //
 // Built just in time by qlora_mini.kernels (torch.utils.cpp_extension.load, g++ -O3
 // -march=native -ffp-contract=off -fopenmp); it includes no torch header and is called through
