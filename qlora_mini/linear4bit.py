@@ -5,7 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qlora_mini.storage import (FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState4bit,
-                                _check_blocksize, dequantize_4bit, quantize_4bit, storage_nbytes)
+                                check_bnb_blocksize, dequantize_4bit, quantize_4bit,
+                                storage_nbytes)
 from qlora_mini.utils import add_to_class, ceil_div
 
 
@@ -56,7 +57,7 @@ def _check_options(quant_type, blocksize, compute_dtype):
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype!r}")
-    _check_blocksize(blocksize)                                     # chapter 3's rule
+    check_bnb_blocksize(blocksize)                                     # chapter 3's rule
 
 
 class Linear4bit(nn.Module):
