@@ -152,6 +152,7 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     import bitsandbytes.functional as F
 
     import qlora_mini
+    from qlora_mini import kernels
     from qlora_mini.storage import dequantize_path
     dtype = getattr(torch, dtype_name)
     qs.dtype = dtype
@@ -159,9 +160,11 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     if not torch.equal(ours, theirs.reshape(ours.shape)):
         raise AssertionError(f"{tuple(state.shape)} {state.quant_type} -> {dtype_name}: differs from bnb")
     src, dst = torch.empty_like(ours).copy_(theirs.reshape(ours.shape)), torch.empty_like(ours)
+    out = torch.empty_like(ours)
     del ours, theirs
     ms = round_robin_ms({
         "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
+        "qlora_mini_out": lambda: kernels.dequantize_4bit_cpu(packed, state, dtype, out=out),
         "bitsandbytes": lambda: F.dequantize_4bit(p_bnb, qs),
         "copy": lambda: dst.copy_(src),
     }, warmup, iters)
@@ -169,9 +172,11 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     moved = packed.numel() + state.nbytes() + out_bytes            # read codes + constants, write
     return dict(quant_type=state.quant_type, double_quant=state.double_quant, dtype=dtype_name,
                 path=dequantize_path(packed, state, dtype), ms=ms,
-                bytes_moved={"qlora_mini": moved, "bitsandbytes": moved, "copy": 2 * out_bytes},
+                bytes_moved={"qlora_mini": moved, "qlora_mini_out": moved, "bitsandbytes": moved,
+                             "copy": 2 * out_bytes},
                 vs_bitsandbytes=ms["bitsandbytes"] / ms["qlora_mini"],
                 vs_copy=ms["copy"] / ms["qlora_mini"],
+                out_vs_copy=ms["copy"] / ms["qlora_mini_out"],
                 copy_gb_per_s=2 * out_bytes / (ms["copy"] * 1e-3) / 1e9,
                 qlora_mini_gb_per_s=moved / (ms["qlora_mini"] * 1e-3) / 1e9, n=n)
 
@@ -199,11 +204,13 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
                     print(f"{r}x{c} {quant_type} dq={dq!s:5} -> {dtype_name:8} "
                           f"ours {row['ms']['qlora_mini']:8.2f} ms  bnb {row['ms']['bitsandbytes']:8.2f}"
                           f"  copy {row['ms']['copy']:8.2f}   vs bnb {row['vs_bitsandbytes']:.2f}x"
-                          f"  vs copy {row['vs_copy']:.2f}x", flush=True)
+                          f"  vs copy {row['vs_copy']:.2f}x (into a reused out "
+                          f"{row['out_vs_copy']:.2f}x)", flush=True)
         del W
     config = dict(blocksize=BLOCKSIZE, warmup=warmup, iters=iters, statistic="median",
                   schedule="round robin", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
+                  qlora_mini_out_call="kernels.dequantize_4bit_cpu(..., out=out), out reused",
                   copy_call="dst.copy_(src), preallocated, output size and dtype")
     return dict(kind="cpu", device=kernels.cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 bitsandbytes=bitsandbytes.__version__, qlora_mini=qlora_mini.__version__,
@@ -238,10 +245,11 @@ def main(argv=None) -> int:
         record = run_cpu(args.sizes or CPU_SIZES, args.warmup or 3, args.iters or 9)
         worst_bnb = min(r["vs_bitsandbytes"] for r in record["results"])
         worst_copy = min(r["vs_copy"] for r in record["results"])
+        worst_out = min(r["out_vs_copy"] for r in record["results"])
         print(f"{record['device']}, {record['threads']} threads, torch {record['torch']}, "
               f"bitsandbytes {record['bitsandbytes']}, load {record['load_average_before'][0]:.1f}"
               f" -> {record['load_average_after'][0]:.1f}: worst ratio vs bnb {worst_bnb:.2f}x, "
-              f"vs copy {worst_copy:.2f}x")
+              f"vs copy {worst_copy:.2f}x (into a reused out {worst_out:.2f}x)")
         print(f"wrote {save(record, args.out)}")
         return 0
     args.sizes, args.warmup, args.iters = args.sizes or SIZES, args.warmup or 10, args.iters or 50

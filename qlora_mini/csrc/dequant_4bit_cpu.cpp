@@ -152,7 +152,7 @@ void run(const QmDequantArgs& a, int n_threads) {
 // its aligned interior makes that 512 times fewer faults. Only advice: contents are unchanged,
 // and an error (no transparent huge pages) changes nothing.
 void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && !defined(QM_NO_HUGE_PAGES)
     const uintptr_t huge = uintptr_t{2} << 20;
     const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
     const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(huge - 1);
