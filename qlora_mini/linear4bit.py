@@ -52,12 +52,26 @@ def _state_buffer_shapes(numel, blocksize, double_quant):
                 nested_code=((2 ** 8,), torch.float32))               # the 8-bit dynamic map
 
 
-def _check_options(quant_type, blocksize, compute_dtype):
+QUANT_STORAGE = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    """The packed bytes, zero-padded to whole elements, viewed as quant_storage."""
+    size = torch.empty((), dtype=quant_storage).element_size()
+    pad = -packed.numel() % size
+    if pad:
+        packed = torch.cat([packed, packed.new_zeros(pad)])          # (bytes + pad,) uint8
+    return packed.view(quant_storage)                               # (bytes / size,)
+
+
+def _check_options(quant_type, blocksize, compute_dtype, quant_storage=torch.uint8):
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype!r}")
     check_bnb_blocksize(blocksize)                                     # chapter 3's rule
+    if quant_storage not in QUANT_STORAGE:
+        raise ValueError(f"quant_storage must be one of {QUANT_STORAGE}, got {quant_storage!r}")
 
 
 class Linear4bit(nn.Module):
@@ -65,15 +79,18 @@ class Linear4bit(nn.Module):
     quantization); forward computes in ``compute_dtype`` and returns that dtype."""
 
     def __init__(self, in_features, out_features, bias=True, *, quant_type="nf4", double_quant=True,
-                 blocksize=64, compute_dtype=torch.bfloat16, device=None):
+                 blocksize=64, compute_dtype=torch.bfloat16, quant_storage=torch.uint8,
+                 device=None):
         super().__init__()
-        _check_options(quant_type, blocksize, compute_dtype)
+        _check_options(quant_type, blocksize, compute_dtype, quant_storage)
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.double_quant, self.blocksize = quant_type, double_quant, blocksize
         self.compute_dtype, self.weight_dtype = compute_dtype, compute_dtype
+        self.quant_storage = quant_storage
+        packed = torch.empty(ceil_div(in_features * out_features, 2), dtype=torch.uint8,
+                             device=device)
+        self.packed = nn.Parameter(_as_storage(packed, quant_storage), requires_grad=False)
         numel = in_features * out_features
-        packed = torch.empty(ceil_div(numel, 2), dtype=torch.uint8, device=device)
-        self.register_buffer("packed", packed)                     # (numel/2,) uint8
         for name in STATE_FIELDS:
             self.register_buffer(name, None)
         for name, (shape, dtype) in _state_buffer_shapes(numel, blocksize, double_quant).items():
@@ -96,10 +113,18 @@ class Linear4bit(nn.Module):
         """Quantize W (out_features, in_features) into this layer's buffers."""
         if tuple(W.shape) != (self.out_features, self.in_features):
             raise ValueError(f"W must have shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
-        self.packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type, self.double_quant)
+        packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type,
+                                      self.double_quant)       # (numel/2,) uint8
+        self.packed = nn.Parameter(_as_storage(packed, self.quant_storage), requires_grad=False)
         for name in STATE_FIELDS:
             setattr(self, name, getattr(state, name))
         self.weight_dtype = W.dtype
+
+    @property
+    def packed_bytes(self) -> torch.Tensor:
+        """The packed codes as (numel/2,) uint8, whatever quant_storage holds them."""
+        n = ceil_div(self.in_features * self.out_features, 2)
+        return self.packed.reshape(-1).view(torch.uint8)[:n]
 
     @property
     def state(self) -> QuantState4bit:
@@ -112,19 +137,19 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The weight as a (out_features, in_features) tensor in dtype (default: the dtype it was
         quantized from)."""
-        return dequantize_4bit(self.packed, self.state, dtype)
+        return dequantize_4bit(self.packed_bytes, self.state, dtype)
 
 
 @add_to_class(Linear4bit)
 @classmethod
 def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
-                 blocksize=64):
+                blocksize=64, quant_storage=torch.uint8):
     """A Linear4bit holding linear's weight in 4 bits and a frozen copy of its bias."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
     layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
-                compute_dtype=compute_dtype, device="meta")
+                compute_dtype=compute_dtype, quant_storage=quant_storage, device="meta")
     layer.set_weight(linear.weight)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -140,7 +165,7 @@ def forward(self, x):
                          f"got shape {tuple(x.shape)}")
     x = x.to(self.compute_dtype)                                    # (..., in) compute dtype
     bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-    return DequantMatmul4bit.apply(x, bias, self.packed, self.state)  # (..., out) compute dtype
+    return DequantMatmul4bit.apply(x, bias, self.packed_bytes, self.state)  # (..., out)
 
 
 @add_to_class(Linear4bit)
@@ -152,13 +177,16 @@ def extra_repr(self):
 
 @add_to_class(Linear4bit)
 def _apply(self, fn, recurse=True):
-    """nn.Module._apply (behind .to(), .cuda(), .half(), ...), but the 4-bit buffers keep their
-    dtypes: a dtype cast moves them to the new device and nothing else."""
+    """nn.Module._apply (behind .to(), .cuda(), .half(), ...), but the 4-bit buffers and the
+    packed codes keep their dtypes: a dtype cast moves them to the new device and nothing else."""
     old = {name: b for name, b in self._buffers.items() if b is not None}
+    packed = self.packed.data                    # its bytes, even when stored as bf16
     nn.Module._apply(self, fn, recurse)
     for name, b in old.items():
         if self._buffers[name].dtype != b.dtype:
             self._buffers[name] = b.to(self._buffers[name].device)
+    if self.packed.dtype != packed.dtype:
+        self.packed = nn.Parameter(packed.to(self.packed.device), requires_grad=False)
     return self
 
 
@@ -199,13 +227,13 @@ def replace_module(model, name: str, new: nn.Module) -> nn.Module:
 
 
 def quantize_model(model, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
-                   blocksize=64, skip=("lm_head",)):
+                   blocksize=64, skip=("lm_head",), quant_storage=torch.uint8):
     """Replace (in place) every nn.Linear of model whose qualified name does not end with a name in
     skip by a Linear4bit with the same weight and bias; freeze everything. Returns model."""
     for name in linear_layer_names(model, "all-linear", skip, types=(nn.Linear,)):
         linear = model.get_submodule(name)
         replace_module(model, name, Linear4bit.from_linear(
-            linear, quant_type, double_quant, compute_dtype, blocksize))
+            linear, quant_type, double_quant, compute_dtype, blocksize, quant_storage))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -58,12 +58,12 @@ def test_input_gradient_equals_autograd_through_dequantized(compute_dtype, x_dty
 
 def test_frozen_no_weight_gradient():
     _, layer = make(64, 32)
-    assert [n for n, _ in layer.named_parameters()] == ["bias"]
-    assert not layer.bias.requires_grad
+    assert sorted(n for n, _ in layer.named_parameters()) == ["bias", "packed"]
+    assert not any(p.requires_grad for p in layer.parameters())
     assert not isinstance(getattr(layer, "weight", None), nn.Parameter)
     x = torch.randn(4, 64, requires_grad=True)
     layer(x).sum().backward()
-    assert layer.bias.grad is None and x.grad is not None
+    assert layer.bias.grad is None and layer.packed.grad is None and x.grad is not None
 
 
 def test_bias_gradient_if_unfrozen():
@@ -92,7 +92,8 @@ def test_nothing_of_weight_size_saved_for_backward():
     assert all(excluded for *_, excluded in ours.records)
     with SavedTensors() as everything:
         layer(x)
-    assert everything.nbytes == sum(b.nbytes for b in layer.buffers()) < 512 * 384 * 2 // 3
+    held = sum(b.nbytes for b in layer.buffers()) + layer.packed.nbytes
+    assert everything.nbytes == held < 512 * 384 * 2 // 3
     with SavedTensors(layer) as plain:
         x.bfloat16() @ layer.dequantize(torch.bfloat16).T
     assert plain.nbytes >= 512 * 384 * 2               # the 16-bit weight is kept alive
@@ -138,7 +139,8 @@ def test_buffer_bytes_formula():
     for (i, o) in SHAPES + [(4096, 11008 // 64)]:
         for dq in (True, False):
             layer = Linear4bit(i, o, double_quant=dq)
-            assert sum(b.nbytes for b in layer.buffers()) == linear4bit_nbytes(i, o, 64, dq)
+            held = sum(b.nbytes for b in layer.buffers()) + layer.packed.nbytes
+            assert held == linear4bit_nbytes(i, o, 64, dq)
 
 
 @pytest.mark.parametrize("in_features,out_features", SHAPES_BNB)
@@ -262,3 +264,32 @@ def test_replace_module_puts_the_new_module_in_place():
     top = nn.Linear(2, 2)
     replace_module(net, "lm_head", top)
     assert net.lm_head is top
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float16, torch.float32])
+def test_quant_storage_keeps_bytes_and_results(quant_storage):
+    """The packed codes as a frozen parameter in any storage dtype: the same bytes (compared with
+    chapter 3's quantize_4bit), the same outputs and gradients, and dtype casts of the model
+    (which convert floating-point parameters) leave them alone."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 67)                         # 128 * 67 / 2 bytes: ragged for fp32
+    ref = Linear4bit.from_linear(linear, compute_dtype=torch.float32)
+    layer = Linear4bit.from_linear(linear, compute_dtype=torch.float32, quant_storage=quant_storage)
+    assert isinstance(layer.packed, nn.Parameter) and not layer.packed.requires_grad
+    assert layer.packed.dtype == quant_storage
+    assert torch.equal(layer.packed_bytes, quantize_4bit(linear.weight.detach())[0])
+    x = torch.randn(3, 128, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = ref(x), layer(x2)
+    (y.square().sum() + y2.square().sum()).backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    before = layer.packed_bytes.clone()
+    for cast in (torch.float64, torch.bfloat16, torch.float32):
+        nn.Sequential(layer).to(cast)
+        assert layer.packed.dtype == quant_storage and torch.equal(layer.packed_bytes, before)
+    assert "packed" in dict(layer.named_parameters()) and "packed" in layer.state_dict()
+
+
+def test_bad_quant_storage():
+    with pytest.raises(ValueError, match="quant_storage"):
+        Linear4bit(64, 8, quant_storage=torch.int32)

@@ -91,12 +91,13 @@ def nbytes(ts):
 def test_accounting_equals_bytes_of_small_quantized_model():
     cfg, model, lora = small_qlora(0.05)
     acc = qlora_memory(cfg, 2, 16, r=8)
-    bufs = dict(model.named_buffers())
+    bufs, params = dict(model.named_buffers()), dict(model.named_parameters())
     assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 2 * 7
-    assert acc["4-bit weights"] == nbytes(b for n, b in bufs.items() if n.endswith(".packed"))
+    assert acc["4-bit weights"] == nbytes(p for n, p in params.items() if n.endswith(".packed"))
     assert acc["quantization constants"] == nbytes(b for n, b in bufs.items()
                                                    if n.rsplit(".", 1)[-1] in STATE_FIELDS)
-    assert acc["16-bit weights"] == (nbytes(p for n, p in model.named_parameters() if "lora_" not in n)
+    assert acc["16-bit weights"] == (nbytes(p for n, p in params.items()
+                                            if "lora_" not in n and not n.endswith(".packed"))
                                      + nbytes(b for n, b in bufs.items() if "inv_freq" in n))
     assert acc["LoRA weights"] == nbytes(lora)
     ids = torch.randint(0, 256, (2, 16))
