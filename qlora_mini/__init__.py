@@ -19,7 +19,7 @@ from .memory import (SavedTensors, activation_bytes, count_parameters,  # noqa: 
                      full_finetune_memory, qlora_memory, saved_tensor_bytes)
 from .model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402  (chapter 6: the default model)
 from .lora import LoRALinear, merge_qlora, prepare_qlora, trainable_parameters  # noqa: E402  (chapter 6)
-from .adapter import load_adapter, read_adapter, save_adapter  # noqa: E402  (chapter 6)
+from .lora import load_adapter, read_adapter, save_adapter  # noqa: E402  (chapter 6: adapter files)
 from .paged import PagedAdamW  # noqa: E402  (chapter 7)
 from .data import DEFAULT_DATA, load_splits, stdlib_qa  # noqa: E402  (chapter 8; train/evaluate are commands: python -m qlora_mini.train)
 

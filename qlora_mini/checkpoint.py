@@ -3,22 +3,22 @@
 """Checkpoints of a `python -m qlora_mini.train` run: atomic, resumable, never unpickled
 (chapter 8)."""
 import contextlib
+from dataclasses import asdict
 import fcntl
 import hashlib
 import json
 import os
+from pathlib import Path
 import random
 import shutil
 import signal
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
+import torch
 
-from qlora_mini.adapter import load_adapter, save_adapter
+from qlora_mini.lora import load_adapter, save_adapter
 from qlora_mini.model import atomic_dir
 
 

@@ -5,10 +5,10 @@ import csv
 import importlib
 import inspect
 import json
+from pathlib import Path
 import re
 import sys
 import zlib
-from pathlib import Path
 
 import torch
 

@@ -5,9 +5,9 @@ import argparse
 import csv
 import json
 import math
+from pathlib import Path
 import random
 import sys
-from pathlib import Path
 
 import torch
 
@@ -140,7 +140,7 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
 
 def load_for_eval(model_name: str, adapter=None):
     """The base model, with the LoRA adapters of a `train` run (PEFT folder) on top if given."""
-    from qlora_mini.adapter import load_adapter
+    from qlora_mini.lora import load_adapter
     from qlora_mini.model import load_model
     model = load_model(model_name)
     if adapter is not None:  # prepares the model (4-bit base + LoRA) from adapter_config.json
@@ -149,7 +149,7 @@ def load_for_eval(model_name: str, adapter=None):
 
 
 def main(argv=None) -> dict:
-    from qlora_mini.adapter import read_adapter
+    from qlora_mini.lora import read_adapter
     from qlora_mini.data import DEFAULT_DATA, load_splits, tokenize_example
     from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.evaluate", description=__doc__)

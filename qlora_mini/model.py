@@ -4,9 +4,9 @@ import contextlib
 import hashlib
 import json
 import os
+from pathlib import Path
 import shutil
 import sysconfig
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

@@ -2,18 +2,18 @@
 # Chapter 8 — The Guanaco recipe
 """`python -m qlora_mini.train`: the Guanaco recipe as a resumable command (chapter 8)."""
 import argparse
+from dataclasses import asdict, dataclass, field
 import json
 import math
+from pathlib import Path
 import random
 import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
+import yaml
 
 from qlora_mini.checkpoint import (OutputInUse, latest_valid_checkpoint, load_checkpoint,
                                    prepare_output, run_lock, save_checkpoint, stored_config)
@@ -21,7 +21,7 @@ from qlora_mini.config import (TrainConfig, config_problems, length_problems, lo
                                presets, resume_changes)
 from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
 from qlora_mini.evaluate import eval_loss
-from qlora_mini.adapter import save_adapter
+from qlora_mini.lora import save_adapter
 from qlora_mini.model import atomic_dir, load_tokenizer
 from qlora_mini.plotting import figure
 from qlora_mini.recipe import build_model, lr_factor, make_optimizer

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from qlora_mini.linear4bit import Linear4bit
-from qlora_mini.adapter import load_adapter, save_adapter
+from qlora_mini.lora import load_adapter, save_adapter
 from qlora_mini.lora import LoRALinear, lora_layers, merge_qlora, prepare_qlora, trainable_parameters
 
 peft = pytest.importorskip("peft")

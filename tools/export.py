@@ -63,7 +63,7 @@ def _group(statement: str) -> int:
 
 
 def assemble(header: str, cells: list[str]) -> str:
-    """Header, the hoisted imports (``__future__`` first, each once, in order of first use), then
+    """Header, the hoisted imports (``__future__`` first, each once, sorted by module), then
     the cells' code, one blank line pair between cells. A docstring that opens the first cell
     stays first: it is the module's docstring."""
     imports, bodies, doc = [], [], ""
@@ -78,7 +78,8 @@ def assemble(header: str, cells: list[str]) -> str:
         imports += [i for i in found if i not in imports]
         if rest:
             bodies.append(rest + "\n")
-    groups = [[i for i in imports if _group(i) == g] for g in range(4)]
+    groups = [sorted((i for i in imports if _group(i) == g), key=lambda i: i.split()[1])
+              for g in range(4)]
     block = "\n\n".join("\n".join(g) for g in groups if g) + "\n" if imports else ""
     return "\n\n".join([header + doc + block] + bodies)
 
