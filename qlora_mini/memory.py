@@ -93,8 +93,9 @@ class ParamCount:
     """Parameters of a model, split as quantize_model splits them."""
     total: int          # every parameter (tied weights once)
     linear: int         # weights of the nn.Linear layers that become Linear4bit
-    other: int          # what stays 16-bit: embeddings, norms, skipped layers (lm_head), biases
+    other: int          # what is not quantized: embeddings, norms, skipped layers (lm_head), biases
     linear_shapes: list  # (in_features, out_features) of each quantized layer
+    norm: int = 0       # of `other`, the weights of modules with "norm" in their name (fp32)
 
 
 def count_parameters(model, skip=("lm_head",)) -> ParamCount:
@@ -104,7 +105,9 @@ def count_parameters(model, skip=("lm_head",)) -> ParamCount:
               for n in names]
     total = sum(p.numel() for p in model.parameters())
     linear = sum(i * o for i, o in shapes)
-    return ParamCount(total, linear, total - linear, shapes)
+    norm = sum(p.numel() for n, m in model.named_modules() if "norm" in n.rsplit(".", 1)[-1]
+               for p in m.parameters(recurse=False))                   # qlora.py's rule
+    return ParamCount(total, linear, total - linear, shapes, norm)
 
 
 def activation_terms(config, batch_size=1, seq_len=512, r=64, lora_dropout=0.05, attention="flash",
@@ -148,23 +151,31 @@ def activation_bytes(config, batch_size=1, seq_len=512, gradient_checkpointing=T
     return L * layer + model
 
 
-COMPONENTS = ("4-bit weights", "quantization constants", "16-bit weights", "LoRA weights",
+COMPONENTS = ("4-bit weights", "quantization constants", "embeddings, head, norms", "LoRA weights",
               "LoRA gradients", "Adam m, v", "activations")
 
 
 def qlora_memory(config, batch_size=1, seq_len=512, r=64, double_quant=True, blocksize=64,
-                 gradient_checkpointing=True, lora_bytes=2, skip=("lm_head",), model=None, **act_kw) -> dict:
-    """Bytes of each component of QLoRA finetuning (COMPONENTS) for a Hugging Face causal-LM config.
-    LoRA of rank r on every quantized layer, in lora_bytes per value (bf16), fp32 Adam m and v.
-    '16-bit weights' also holds the model's buffers (rotary tables) at their own dtype."""
+                 gradient_checkpointing=True, compute_dtype=torch.bfloat16, lora_dtype=None,
+                 norm_dtype=torch.float32, step_bytes=4, skip=("lm_head",), model=None,
+                 **act_kw) -> dict:
+    """Bytes of each component of QLoRA finetuning (COMPONENTS) for a Hugging Face causal-LM config,
+    with the reference's dtype policy: LoRA of rank r on every quantized layer, its weights and
+    gradients in lora_dtype (default: compute_dtype); norm weights in norm_dtype (fp32); the
+    embeddings, lm_head and biases in compute_dtype; fp32 Adam m and v plus a step counter of
+    step_bytes per adapter tensor (PagedAdamW's; 0 for bitsandbytes'). 'embeddings, head, norms'
+    also holds the model's buffers (rotary tables) at their own dtype."""
     model = meta_model(config) if model is None else model
     pc = count_parameters(model, skip)
+    c, n, a = (torch.empty((), dtype=d).element_size()
+               for d in (compute_dtype, norm_dtype, lora_dtype or compute_dtype))
     packed = sum(ceil_div(i * o, 2) for i, o in pc.linear_shapes)    # two codes a byte
     consts = sum(linear4bit_nbytes(i, o, blocksize, double_quant) for i, o in pc.linear_shapes) - packed
     lora = sum(r * (i + o) for i, o in pc.linear_shapes)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return dict(zip(COMPONENTS, (packed, consts, 2 * pc.other + buffers, lora_bytes * lora,
-                                 lora_bytes * lora, 8 * lora,
+    adam = 8 * lora + step_bytes * 2 * len(pc.linear_shapes)          # m, v; A's and B's steps
+    return dict(zip(COMPONENTS, (packed, consts, c * (pc.other - pc.norm) + n * pc.norm + buffers,
+                                 a * lora, a * lora, adam,
                                  activation_bytes(config, batch_size, seq_len, gradient_checkpointing,
                                                   r=r, **act_kw))))
 
