@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlora_mini.elo import (bradley_terry, check_bradley_terry, check_elo_update,
-                            check_win_rate_matrix, elo_bootstrap, elo_ratings, elo_tournament,
-                            elo_update, expected_score, order_consistency, random_games,
-                            separability, win_rate_matrix)
+from qlora_mini.elo import (bradley_terry, elo_bootstrap, elo_ratings, elo_tournament,
+                            elo_update, expected_score, order_consistency, separability,
+                            win_rate_matrix)
+from qlora_mini.elo_checks import (check_bradley_terry, check_elo_update,
+                                   check_win_rate_matrix, random_games)
 from qlora_mini.elo_data import (DATA, MODELS, load_paper_verdicts, load_relative_scores,
                                  percent_of_chatgpt)
 
