@@ -181,6 +181,11 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
                 qlora_mini_gb_per_s=moved / (ms["qlora_mini"] * 1e-3) / 1e9, n=n)
 
 
+def iters_for(n: int, iters: int) -> int:
+    """More rounds for small matrices, whose millisecond timings a busy machine disturbs most."""
+    return iters if n > 1 << 25 else 2 * iters + 1 if n > 1 << 22 else 4 * iters + 1
+
+
 def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES) -> dict:
     """Every size × {nf4, fp4} × {double quant, not} × dtypes on the CPU; the JSON-ready record."""
     import bitsandbytes
@@ -199,7 +204,8 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
                                             compress_statistics=dq)
                 packed, state = from_bnb(p_bnb, qs)
                 for dtype_name in dtypes:
-                    row = bench_cpu_config(packed, state, p_bnb, qs, dtype_name, warmup, iters)
+                    row = bench_cpu_config(packed, state, p_bnb, qs, dtype_name, warmup,
+                                           iters_for(r * c, iters))
                     rows.append(dict(rows=r, cols=c, **row))
                     print(f"{r}x{c} {quant_type} dq={dq!s:5} -> {dtype_name:8} "
                           f"ours {row['ms']['qlora_mini']:8.2f} ms  bnb {row['ms']['bitsandbytes']:8.2f}"
@@ -207,7 +213,8 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
                           f"  vs copy {row['vs_copy']:.2f}x (into a reused out "
                           f"{row['out_vs_copy']:.2f}x)", flush=True)
         del W
-    config = dict(blocksize=BLOCKSIZE, warmup=warmup, iters=iters, statistic="median",
+    config = dict(blocksize=BLOCKSIZE, warmup=warmup, statistic="median",
+                  iters={f"{r}x{c}": iters_for(r * c, iters) for r, c in sizes},
                   schedule="round robin", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
                   qlora_mini_out_call="kernels.dequantize_4bit_cpu(..., out=out), out reused",

@@ -68,7 +68,8 @@ def _build():
         return None
     try:
         from torch.utils.cpp_extension import load
-        _ext = load(name="qlora_mini_dequant_4bit", sources=[str(BINDING_SRC), str(KERNEL_SRC)],
+        _ext = load(name=f"qlora_mini_dequant_4bit_{_sources_hash()}",  # rebuilt on any change
+                    sources=[str(BINDING_SRC), str(KERNEL_SRC)],
                     extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
                     extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)

@@ -187,12 +187,12 @@ def _dequantize_4bit_torch(packed, state, dtype, chunk: int | None = None):
     """The PyTorch reference: the specification the compiled kernels are tested against.
 
     code[idx] * absmax per element, in float32, rounded once to ``dtype``; chunks of whole blocks
-    (``chunk`` elements: 2**18 on a CPU, 2**24 on a GPU) keep temporaries small."""
+    (``chunk`` elements: 2**20 on a CPU, 2**24 on a GPU) keep temporaries small."""
     n, bs, device = state.numel, state.blocksize, packed.device
     pairs = state.code.float()[BYTE_NIBBLES.to(device)]                   # (256, 2) float32
     absmax = double_dequantize(state)                                     # (n_blocks,) float32
     packed, out = packed.reshape(-1), torch.empty(n, dtype=dtype, device=device)
-    chunk = chunk or (1 << 18 if device.type == "cpu" else 1 << 24)
+    chunk = chunk or (1 << 20 if device.type == "cpu" else 1 << 24)
     step = max(1, chunk // bs) * bs                                       # whole blocks
     for start in range(0, n, step):
         m = min(step, n - start)                                          # elements here
