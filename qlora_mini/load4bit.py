@@ -14,7 +14,7 @@ from qlora_mini.storage import QuantState4bit, blockwise_absmax, double_quantize
 
 
 def quantize_4bit_chunked(W, blocksize=64, quant_type="nf4", double_quant=True,
-                          chunk=1 << 22) -> tuple[torch.Tensor, QuantState4bit]:
+                          chunk=1 << 20) -> tuple[torch.Tensor, QuantState4bit]:
     """Chapter 3's quantize_4bit, the same bytes, ``chunk`` values (whole blocks) at a time."""
     if chunk % blocksize or chunk % 2:
         raise ValueError(f"chunk must be a multiple of blocksize={blocksize}, got {chunk}")
@@ -27,7 +27,8 @@ def quantize_4bit_chunked(W, blocksize=64, quant_type="nf4", double_quant=True,
     absmax = []
     for s in range(0, n, chunk):
         scaled, am = blockwise_absmax(flat[s:s + chunk].float(), blocksize)  # (c,), (c/bs,)
-        idx = order[torch.bucketize(scaled, cuts)].to(torch.uint8)        # (c,) uint8
+        pos = torch.bucketize(scaled, cuts, out_int32=True)               # (c,) int32
+        idx = order.to(torch.uint8)[pos]                                   # (c,) uint8
         idx = nn.functional.pad(idx, (0, idx.numel() % 2))                 # ragged end: a 0
         packed[s // 2:s // 2 + idx.numel() // 2] = pack_nibbles(idx)
         absmax.append(am)

@@ -161,14 +161,15 @@ def qlora_memory(config, batch_size=1, seq_len=512, r=64, double_quant=True, blo
                  **act_kw) -> dict:
     """Bytes of each component of QLoRA finetuning (COMPONENTS) for a Hugging Face causal-LM config,
     with the reference's dtype policy: LoRA of rank r on every quantized layer, its weights and
-    gradients in lora_dtype (default: compute_dtype); norm weights in norm_dtype (fp32); the
+    gradients in lora_dtype (default: compute_dtype, but fp32 under fp16 compute); norm weights in norm_dtype (fp32); the
     embeddings, lm_head and biases in compute_dtype; fp32 Adam m and v plus a step counter of
     step_bytes per adapter tensor (PagedAdamW's; 0 for bitsandbytes'). 'embeddings, head, norms'
     also holds the model's buffers (rotary tables) at their own dtype."""
     model = meta_model(config) if model is None else model
     pc = count_parameters(model, skip)
+    lora_dtype = lora_dtype or (torch.float32 if compute_dtype == torch.float16 else compute_dtype)
     c, n, a = (torch.empty((), dtype=d).element_size()
-               for d in (compute_dtype, norm_dtype, lora_dtype or compute_dtype))
+               for d in (compute_dtype, norm_dtype, lora_dtype))
     packed = sum(ceil_div(i * o, 2) for i, o in pc.linear_shapes)    # two codes a byte
     consts = sum(linear4bit_nbytes(i, o, blocksize, double_quant) for i, o in pc.linear_shapes) - packed
     lora = sum(r * (i + o) for i, o in pc.linear_shapes)
