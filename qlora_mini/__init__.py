@@ -22,6 +22,8 @@ from .lora import LoRALinear, merge_qlora, prepare_qlora, trainable_parameters  
 from .lora import load_adapter, read_adapter, save_adapter  # noqa: E402  (chapter 6: adapter files)
 from .paged import PagedAdamW  # noqa: E402  (chapter 7)
 from .data import DEFAULT_DATA, load_splits, stdlib_qa  # noqa: E402  (chapter 8; train/evaluate are commands: python -m qlora_mini.train)
+from .elo import bradley_terry, elo_tournament, win_rate_matrix  # noqa: E402  (chapter 9)
+from .elo_data import load_paper_verdicts  # noqa: E402  (chapter 9; python -m qlora_mini.elo_generate)
 
 __all__ = [
     "dequantize_blockwise", "quantize_blockwise", "get_code",
@@ -32,4 +34,5 @@ __all__ = [
     "DEFAULT_MODEL", "load_model", "load_tokenizer",
     "LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "read_adapter", "save_adapter",
     "trainable_parameters", "PagedAdamW", "DEFAULT_DATA", "load_splits", "stdlib_qa",
+    "bradley_terry", "elo_tournament", "win_rate_matrix", "load_paper_verdicts",
 ]
