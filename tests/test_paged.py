@@ -37,9 +37,11 @@ def _run(opt_cls, steps=8, **kw):
 KW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
 
-def test_matches_torch_adamw_bit_for_bit():
-    ours, _ = _run(PagedAdamW, **KW)
-    ref, _ = _run(torch.optim.AdamW, foreach=False, **KW)  # same ops in the same order
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
+def test_matches_torch_adamw_bit_for_bit(weight_decay):
+    kw = {**KW, "weight_decay": weight_decay}
+    ours, _ = _run(PagedAdamW, **kw)
+    ref, _ = _run(torch.optim.AdamW, foreach=False, **kw)  # same ops in the same order
     for a, b in zip(ours, ref):
         assert torch.equal(a, b)
 
