@@ -17,9 +17,8 @@ NESTED_BLOCKSIZE = 256  # double quantization: one fp32 constant per 256 absmax 
 
 
 def dynamic_code() -> torch.Tensor:
-    """The signed 8-bit dynamic map that double quantization stores the absmax in: (256,) float32,
-    sorted. It is bitsandbytes' ``create_dynamic_map()``; we take it from there (teaching it is
-    not the point of this chapter, being byte-compatible is)."""
+    """The signed 8-bit dynamic map double quantization stores the absmax in: (256,) float32,
+    sorted; bitsandbytes' ``create_dynamic_map()`` (being byte-compatible is the point here)."""
     from bitsandbytes.functional import create_dynamic_map
     return create_dynamic_map(signed=True).float()
 
@@ -30,8 +29,7 @@ class QuantState4bit:
 
     absmax: (n_blocks,) float32, or (n_blocks,) uint8 codes of (absmax - offset) when double
     quantized; then nested_absmax (ceil(n_blocks / nested_blocksize),) float32, nested_code
-    (256,) float32 and offset () float32 are set. code: (16,) float32 codebook indexed by the
-    4-bit index.
+    (256,) float32 and offset () float32 are set. code: (16,) float32, indexed by the 4-bit idx.
     """
     absmax: torch.Tensor
     shape: torch.Size
@@ -136,9 +134,7 @@ def quantize_4bit(W: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     packed = pack_nibbles(round_to_code(scaled, code))                     # (ceil(n/2),) uint8
     state = QuantState4bit(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize,
                            quant_type=quant_type, code=code)
-    if double_quant:
-        state = replace(state, **double_quantize(absmax))
-    return packed, state
+    return packed, replace(state, **double_quantize(absmax)) if double_quant else state
 
 
 def double_dequantize(state: QuantState4bit) -> torch.Tensor:
@@ -164,30 +160,29 @@ def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
     check_bnb_blocksize(state.blocksize)
     if state.quant_type not in QUANT_TYPES:
         raise ValueError(f"state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
-    if packed.numel() != ceil_div(state.numel, 2):
-        raise ValueError(f"packed has {packed.numel()} bytes but state.shape {tuple(state.shape)} "
-                         f"needs {ceil_div(state.numel, 2)}: this state belongs to another tensor")
-    if state.absmax.numel() != state.n_blocks:
-        raise ValueError(f"state.absmax has {state.absmax.numel()} entries, expected {state.n_blocks} "
-                         f"blocks of {state.blocksize}")
     expect = torch.uint8 if state.double_quant else torch.float32
     if state.absmax.dtype != expect:
         raise ValueError(f"state.absmax must be {expect} (double_quant={state.double_quant}), "
                          f"got {state.absmax.dtype}")
-    n_nested = ceil_div(state.n_blocks, state.nested_blocksize)
-    if state.double_quant and state.nested_absmax.numel() != n_nested:
-        raise ValueError(f"state.nested_absmax has {state.nested_absmax.numel()} entries, "
-                         f"expected {n_nested}")
+    sizes = {"packed": (packed.numel(), ceil_div(state.numel, 2)),          # (has, needs)
+             "state.absmax": (state.absmax.numel(), state.n_blocks)}
+    if state.double_quant:
+        sizes["state.nested_absmax"] = (state.nested_absmax.numel(),
+                                        ceil_div(state.n_blocks, state.nested_blocksize))
+    for name, (has, needs) in sizes.items():
+        if has != needs:
+            raise ValueError(f"{name} has {has} entries but state.shape {tuple(state.shape)}, "
+                             f"blocksize {state.blocksize} need {needs}: this state belongs to "
+                             "another tensor")
 
 
 BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
 
 
 def _dequantize_4bit_torch(packed, state, dtype, chunk: int | None = None):
-    """The PyTorch reference: the specification the compiled kernels are tested against.
-
-    code[idx] * absmax per element, in float32, rounded once to ``dtype``; chunks of whole blocks
-    (``chunk`` elements: 2**20 on a CPU, 2**24 on a GPU) keep temporaries small."""
+    """The PyTorch reference, the specification the compiled kernels are tested against: code[idx]
+    * absmax per element, in float32, rounded once to ``dtype``. Chunks of whole blocks (``chunk``
+    elements: 2**20 on a CPU, 2**24 on a GPU) keep temporaries small."""
     n, bs, device = state.numel, state.blocksize, packed.device
     pairs = state.code.float()[BYTE_NIBBLES.to(device)]                   # (256, 2) float32
     absmax = double_dequantize(state)                                     # (n_blocks,) float32
@@ -201,8 +196,7 @@ def _dequantize_4bit_torch(packed, state, dtype, chunk: int | None = None):
         scale = absmax[start // bs:start // bs + ceil_div(m, bs)]         # (blocks here,)
         full = m - m % bs                                                 # in whole blocks
         values[:full].view(-1, bs).mul_(scale[:full // bs, None])
-        if full < m:
-            values[full:].mul_(scale[-1])                                 # the ragged block
+        values[full:].mul_(scale[-1])                                     # a ragged block
         out[start:start + m] = values                                     # one rounding
     return out.view(state.shape)
 
@@ -211,9 +205,8 @@ _BACKENDS = {}  # name → (accepts(packed, state, dtype) -> bool, fn(packed, st
 
 
 def register_dequantize_backend(name: str, accepts, fn) -> None:
-    """Let a later chapter offer a faster ``fn(packed, state, dtype)`` for the arguments on which
-    ``accepts(packed, state, dtype)`` is true. Tried in order of registration; registering a
-    name again replaces it. ``fn`` must return what the reference returns, bit for bit."""
+    """Offer ``fn(packed, state, dtype)``, bit-exact with the reference, wherever ``accepts(packed,
+    state, dtype)``. Tried in order of registration; registering a name again replaces it."""
     if not isinstance(name, str) or not callable(accepts) or not callable(fn):
         raise TypeError("register_dequantize_backend(name: str, accepts: callable, fn: callable)")
     _BACKENDS[name] = (accepts, fn)
@@ -222,35 +215,28 @@ def register_dequantize_backend(name: str, accepts, fn) -> None:
 def dequantize_path(packed: torch.Tensor, state: QuantState4bit, dtype=None) -> str:
     """The name of the code :func:`dequantize_4bit` runs for these arguments."""
     dtype = state.dtype if dtype is None else dtype
-    for name, (accepts, _) in _BACKENDS.items():
-        if accepts(packed, state, dtype):
-            return name
-    return "PyTorch reference"
+    return next((name for name, (accepts, _) in _BACKENDS.items()
+                 if accepts(packed, state, dtype)), "PyTorch reference")
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """Packed 4-bit indices back to a tensor of ``state.shape`` in ``dtype`` (default: the dtype
-    that was quantized). Each value is code[idx] * absmax of its block, computed in float32 and
-    rounded once to ``dtype``, as bitsandbytes does. A registered backend (chapter 4's compiled
-    kernels) runs when it accepts the tensors; otherwise the PyTorch reference."""
+    that was quantized): code[idx] * absmax of its block, in float32, rounded once to ``dtype``
+    as bitsandbytes does; by a registered backend (chapter 4) if one accepts, else the reference."""
     check_state(packed, state)
     dtype = state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    for accepts, fn in _BACKENDS.values():
-        if accepts(packed, state, dtype):
-            return fn(packed, state, dtype)
-    return _dequantize_4bit_torch(packed, state, dtype)
+    fn = _BACKENDS.get(dequantize_path(packed, state, dtype), (None, _dequantize_4bit_torch))[1]
+    return fn(packed, state, dtype)
 
 
 def nearest_code_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' CPU rounding to a sorted 256-entry code: (n,) float32 in [-1, 1] → (n,) uint8.
-
     Not the exact nearest entry: the value is first snapped to one of 65,536 evenly spaced points
-    in [-1, 1], and each point has a precomputed nearest code. Near a cut between two codes this
-    can pick the farther one; we mirror it (float32 arithmetic, truncation) to get the same bytes.
-    """
+    in [-1, 1], each with a precomputed nearest code. Near a cut this can pick the farther one;
+    we mirror it (float32 arithmetic, truncation) to get the same bytes."""
     grid = -1.0 + (2.0 * torch.arange(65536, device=scaled.device)) / 65535   # (65536,) float32
     cuts = 0.5 * (code[:-1] + code[1:])                                       # (255,) float32
     lut = torch.searchsorted(cuts, grid).to(torch.uint8)                      # (65536,) uint8
@@ -259,13 +245,10 @@ def nearest_code_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def double_quantize(absmax: torch.Tensor) -> dict:
-    """Double quantization: store absmax - mean(absmax) as 8-bit dynamic codes in blocks of 256.
-
-    (n_blocks,) float32 → uint8 indices (n_blocks,) into the dynamic code, nested absmax
-    (ceil(n_blocks/256),) float32,
-    the (256,) dynamic code and the scalar offset. (bitsandbytes' CPU kernel multiplies every
-    block, the ragged one too, by 1/absmax, and writes code 0 for an all-zero block.)
-    """
+    """Store absmax - mean(absmax) as 8-bit dynamic codes in blocks of 256: (n_blocks,) float32 →
+    dict(absmax=(n_blocks,) uint8 idx, nested_absmax=(ceil(n_blocks/256),) float32, nested_code,
+    offset). Like bnb's CPU kernel: every block, the ragged one too, is multiplied by 1/absmax,
+    and an all-zero block gets index 0."""
     n, bs = absmax.numel(), NESTED_BLOCKSIZE
     offset = absmax.mean()                                                    # () float32
     centered = torch.nn.functional.pad(absmax - offset, (0, -n % bs)).view(-1, bs)  # (nb2, 256)
@@ -281,10 +264,8 @@ def to_bnb(packed: torch.Tensor, state: QuantState4bit):
     """Our (packed, state) as bitsandbytes' (packed (ceil(n/2), 1) uint8, QuantState)."""
     from bitsandbytes.functional import QuantState
     check_state(packed, state)
-    state2 = None
-    if state.double_quant:
-        state2 = QuantState(absmax=state.nested_absmax, code=state.nested_code,
-                            blocksize=state.nested_blocksize, dtype=torch.float32)
+    state2 = QuantState(absmax=state.nested_absmax, code=state.nested_code, dtype=torch.float32,
+                        blocksize=state.nested_blocksize) if state.double_quant else None
     qs = QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
                     blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
                     offset=state.offset, state2=state2)
@@ -293,10 +274,8 @@ def to_bnb(packed: torch.Tensor, state: QuantState4bit):
 
 def from_bnb(packed: torch.Tensor, qs) -> tuple[torch.Tensor, QuantState4bit]:
     """bitsandbytes' (packed, QuantState) as our (packed (ceil(n/2),) uint8, QuantState4bit)."""
-    nested = {}
-    if qs.nested:
-        nested = dict(offset=qs.offset.float().reshape(()), nested_absmax=qs.state2.absmax,
-                      nested_code=qs.state2.code, nested_blocksize=qs.state2.blocksize)
+    nested = dict(offset=qs.offset.float().reshape(()), nested_absmax=qs.state2.absmax,
+                  nested_code=qs.state2.code, nested_blocksize=qs.state2.blocksize) if qs.nested else {}
     state = QuantState4bit(absmax=qs.absmax, shape=torch.Size(qs.shape), dtype=qs.dtype,
                            blocksize=qs.blocksize, quant_type=qs.quant_type, code=qs.code, **nested)
     packed = packed.reshape(-1).view(torch.uint8)
@@ -310,9 +289,9 @@ def bits_per_param(packed: torch.Tensor, state: QuantState4bit) -> float:
 
 
 def storage_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes that :func:`quantize_4bit` stores for a tensor of ``numel`` values, without making it:
-    packed codes, plus fp32 absmax per block, or (double quantization) a uint8 code per block, an
-    fp32 nested absmax per NESTED_BLOCKSIZE (256) blocks and one fp32 offset. Tested against real tensors."""
+    """Bytes that :func:`quantize_4bit` stores for ``numel`` values, without making them: packed
+    codes, plus an fp32 absmax per block, or (double quantization) a uint8 code per block, an fp32
+    nested absmax per NESTED_BLOCKSIZE blocks and an fp32 offset. Tested against real tensors."""
     n_blocks = ceil_div(numel, blocksize)
     if not double_quant:
         return ceil_div(numel, 2) + 4 * n_blocks                  # fp32 absmax per block
