@@ -75,9 +75,6 @@ def check_bnb_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
 
 
-_check_blocksize = check_bnb_blocksize  # (old name; removed once chapter 5 is updated)
-
-
 def _check_weight(W) -> None:
     """Refuse what would quantize to silent garbage: not a 16/32-bit float tensor, empty, NaN or
     Inf (the last two with chapter 1's checks)."""
@@ -145,9 +142,6 @@ def double_dequantize(state: QuantState4bit) -> torch.Tensor:
     values = state.nested_code[state.absmax.long()]                        # (n_blocks,) float32
     scale = state.nested_absmax.repeat_interleave(state.nested_blocksize)[:n]  # (n_blocks,)
     return values * scale + state.offset
-
-
-dequantize_absmax = double_dequantize  # (old name; removed once chapter 6 is updated)
 
 
 def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:

@@ -235,6 +235,7 @@ def test_backend_registry_dispatches_in_order(monkeypatch):
         register_dequantize_backend("bad", None, fake)
 
 
-def test_old_names_are_aliases_until_chapters_5_and_6_move():
-    assert storage.dequantize_absmax is storage.double_dequantize
-    assert storage._check_blocksize is storage.check_bnb_blocksize
+def test_old_names_are_gone():
+    """Chapters 5 and 6 moved to the new names; the near-anagram and the ambiguous check are gone."""
+    for old in ("quantize_absmax", "dequantize_absmax", "_check_blocksize"):
+        assert not hasattr(storage, old), old
