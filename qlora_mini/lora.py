@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from qlora_mini.linear4bit import Linear4bit, linear_layer_names, quantize_model, replace_module
+from qlora_mini.policy import DTYPE_POLICIES, apply_dtype_policy
 from qlora_mini.utils import add_to_class
 
 
@@ -32,7 +33,7 @@ class LoRALinear(nn.Module):
     a trainable rank-r update. A is Kaiming-uniform (like nn.Linear and PEFT), B is zero, so a
     fresh LoRALinear computes exactly what its base computes."""
 
-    def __init__(self, base, r: int = 64, alpha: float = 16, dropout: float = 0.05):
+    def __init__(self, base, r: int = 64, alpha: float = 16, dropout: float = 0.05, dtype=torch.float32):
         super().__init__()
         if not isinstance(base, (Linear4bit, nn.Linear)):
             raise TypeError(f"base must be a Linear4bit or nn.Linear, got {type(base).__name__}")
@@ -44,6 +45,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device)   # A: (r, in) fp32
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device)  # B: (out, r) fp32
         self.reset_lora_parameters()
+        self.lora_A.to(dtype), self.lora_B.to(dtype)  # drawn in fp32 as PEFT does, stored in dtype
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -65,11 +67,12 @@ def forward(self, x):
     return y + h.to(y.dtype)
 
 
-def add_lora(model, targets: list[str], r: int = 64, alpha: float = 16, dropout: float = 0.05):
-    """Wrap each named linear layer of ``model`` in a LoRALinear, in place. The new modules take
-    the model's train/eval mode (so a model in eval mode gets no dropout)."""
+def add_lora(model, targets: list[str], r: int = 64, alpha: float = 16, dropout: float = 0.05,
+             dtype=torch.float32):
+    """Wrap each named linear layer of ``model`` in a LoRALinear (A and B in dtype), in place. The
+    new modules take the model's train/eval mode (so a model in eval mode gets no dropout)."""
     for name in targets:
-        lora = LoRALinear(model.get_submodule(name), r, alpha, dropout)
+        lora = LoRALinear(model.get_submodule(name), r, alpha, dropout, dtype)
         replace_module(model, name, lora.train(model.training))
 
 
@@ -88,22 +91,19 @@ def _output_in_input_dtype(module, args, output):
 
 def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
                   target_modules="all-linear", quant_type: str = "nf4", double_quant: bool = True,
-                  compute_dtype=torch.bfloat16, gradient_checkpointing: bool = True):
-    """QLoRA in place: every nn.Linear but lm_head becomes a frozen Linear4bit; the targeted ones
-    (all of them, or those whose names end with a name in target_modules) get a LoRALinear around
-    it. Like PEFT's prepare_model_for_kbit_training: everything else frozen, non-quantized
-    fp16/bf16 parameters cast to float32, input gradients and gradient checkpointing on."""
+                  compute_dtype=torch.bfloat16, gradient_checkpointing: bool = True,
+                  dtype_policy: str = "reference"):
+    """QLoRA in place: a frozen 4-bit base (unless load_4bit made it), LoRALinear on the targets,
+    the rest frozen and cast by dtype_policy (qlora_mini.policy); input grads, checkpointing on."""
     check_lora_args(r, alpha, dropout)
-    if any(isinstance(m, (LoRALinear, Linear4bit)) for m in model.modules()):
-        raise ValueError("model is already quantized or has LoRA adapters: prepare_qlora takes a "
-                         "model fresh from from_pretrained (to change adapters, load a new one)")
+    if dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("model already has LoRA adapters: to change them, load a fresh model")
     targets = linear_layer_names(model, target_modules)  # validate before changing anything
-    quantize_model(model, quant_type, double_quant, compute_dtype)  # also freezes every parameter
-    packed = {id(m.packed) for m in model.modules() if isinstance(m, Linear4bit)}
-    for p in model.parameters():                       # the 4-bit codes stay as they are
-        if p.dtype in (torch.float16, torch.bfloat16) and id(p) not in packed:
-            p.data = p.data.float()                   # norms, embeddings, lm_head: float32
-    add_lora(model, targets, r, alpha, dropout)
+    if not any(isinstance(m, Linear4bit) for m in model.requires_grad_(False).modules()):
+        quantize_model(model, quant_type, double_quant, compute_dtype)
+    add_lora(model, targets, r, alpha, dropout, apply_dtype_policy(model, dtype_policy, compute_dtype))
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     for m in model.modules():                          # 4-bit layers without an adapter return
         if isinstance(m, Linear4bit) and id(m) not in wrapped:  # their input's dtype too

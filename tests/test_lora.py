@@ -43,7 +43,8 @@ def tokens():
 
 def ours(model_dir, **kw):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=F32)
-    options = dict(r=R, alpha=ALPHA, dropout=0.0, compute_dtype=F32, gradient_checkpointing=False)
+    options = dict(r=R, alpha=ALPHA, dropout=0.0, compute_dtype=F32, gradient_checkpointing=False,
+                   dtype_policy="fp32")   # PEFT's defaults (fp32 adapters, norms, embeddings): like with like
     return prepare_qlora(model, **{**options, **kw})
 
 
@@ -124,7 +125,9 @@ def test_prepare_qlora_subset_and_fp32_norms(model_dir):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.q_proj, LoRALinear) and isinstance(attn.k_proj, Linear4bit)
     assert isinstance(mlp.down_proj, Linear4bit)
-    assert model.model.norm.weight.dtype == F32 and model.model.embed_tokens.weight.dtype == F32
+    assert model.model.norm.weight.dtype == F32                      # the reference's policy:
+    assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert attn.q_proj.lora_A.weight.dtype == attn.q_proj.lora_B.weight.dtype == torch.bfloat16
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     x = torch.randint(0, 256, (2, 8))
     model.train()(input_ids=x, labels=x).loss.backward()  # bf16 layers beside fp32 norms: dtypes agree
@@ -260,7 +263,7 @@ def test_merge_16bit_is_exact_and_4bit_is_not(model_dir, tokens):
 def test_prepare_qlora_refuses_a_prepared_model(model_dir):
     model = ours(model_dir)
     before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(ValueError, match="already quantized or has LoRA adapters"):
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
         prepare_qlora(model)
     assert {n: type(m) for n, m in model.named_modules()} == before   # nothing half-applied
 
@@ -295,3 +298,52 @@ def test_one_checkpointing_setting_for_qlora_and_plain_lora(model_dir, tmp_path)
         x = torch.randint(0, 256, (1, 8))
         m.train()(input_ids=x, labels=x).loss.backward()
         assert all(l.lora_B.weight.grad is not None for l in lora_layers(m).values())
+
+
+def reference_casts(pm):
+    """artidoro/qlora's get_accelerate_model with --bf16, after get_peft_model."""
+    for name, module in pm.named_modules():
+        if "lora_" in name:
+            module.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(F32)
+        if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
+            module.to(torch.bfloat16)
+    return pm
+
+
+def test_reference_dtype_policy_equals_peft_with_the_references_casts(model_dir, tokens):
+    pm = reference_casts(peft.get_peft_model(bnb_model(model_dir, torch.bfloat16), peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)))
+    from qlora_mini.policy import input_to_weight_dtype     # the reference gets it from autocast
+    pm.lm_head.register_forward_pre_hook(input_to_weight_dtype)
+    model = ours(model_dir, compute_dtype=torch.bfloat16, dtype_policy="reference").train()
+    copy_peft_lora_into_ours(pm.train(), model)
+    kind = lambda n: "lora" if "lora_" in n else "norm" if "norm" in n else "other"  # noqa: E731
+    dtypes = lambda m: {(kind(n), p.dtype) for n, p in m.named_parameters() if p.dtype != torch.uint8}  # noqa: E731
+    assert dtypes(model) == dtypes(pm) == {("lora", torch.bfloat16), ("norm", F32),
+                                           ("other", torch.bfloat16)}
+    loss, loss_ref = model(input_ids=tokens, labels=tokens).loss, pm(input_ids=tokens, labels=tokens).loss
+    (loss + loss_ref).backward()
+    assert torch.equal(loss, loss_ref)
+    theirs = peft_lora_params(pm)
+    for name, m in lora_layers(model).items():
+        assert torch.equal(m.lora_A.weight.grad, theirs[name][0].grad)
+        assert torch.equal(m.lora_B.weight.grad, theirs[name][1].grad)
+
+
+def test_fp16_compute_keeps_fp32_adapters_and_bad_policy_is_refused(model_dir):
+    model = ours(model_dir, compute_dtype=torch.float16, dtype_policy="reference")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {F32}
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype_policy"):
+        ours(model_dir, dtype_policy="bf16")
+
+
+def test_prepare_qlora_takes_a_load_4bit_model(model_dir, tokens):
+    from qlora_mini.load4bit import load_4bit
+    a = prepare_qlora(load_4bit(model_dir, compute_dtype=F32, device="cpu"), r=R, alpha=ALPHA,
+                      dropout=0.0, compute_dtype=F32, gradient_checkpointing=False)
+    b = ours(model_dir)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if "lora_A" not in k)
