@@ -7,29 +7,34 @@ import torch
 
 from qlora_mini.config import TrainConfig
 from qlora_mini.linear4bit import linear_layer_names
+from qlora_mini.load4bit import load_4bit
 from qlora_mini.lora import add_lora, enable_gradient_checkpointing, prepare_qlora
-from qlora_mini.model import load_model
+from qlora_mini.model import load_model, resolve
 from qlora_mini.paged import PagedAdamW
 
 
 def build_model(cfg: TrainConfig):
-    """Load the base model, add LoRA adapters (on a 4-bit base unless quantize=False); on a CUDA
-    machine the prepared model moves to the GPU."""
-    model = load_model(cfg.model)
+    """The base model with LoRA adapters. QLoRA: chapter 5's load_4bit reads the checkpoint
+    straight into 4 bits on the training device (the GPU when there is one), then prepare_qlora
+    applies the dtype policy (the config's dtype_policy if it has one, else the reference's).
+    Plain LoRA (quantize=False): the same layers on the 16/32-bit base, everything else frozen."""
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.quantize:
-        prepare_qlora(model, **lora, target_modules=cfg.target_modules,
-                      quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                      compute_dtype=getattr(torch, cfg.compute_dtype),
-                      gradient_checkpointing=cfg.gradient_checkpointing)
-    else:  # plain LoRA: the same layers on the 16/32-bit base, everything else frozen
+        dtype = getattr(torch, cfg.compute_dtype)
+        model = load_4bit(resolve(cfg.model), quant_type=cfg.quant_type, compute_dtype=dtype,
+                          double_quant=cfg.double_quant, device=device)
+        prepare_qlora(model, **lora, target_modules=cfg.target_modules, compute_dtype=dtype,
+                      gradient_checkpointing=cfg.gradient_checkpointing,
+                      dtype_policy=getattr(cfg, "dtype_policy", "reference"))
+    else:
+        model = load_model(cfg.model)
         model.requires_grad_(False)
         add_lora(model, linear_layer_names(model, cfg.target_modules), **lora)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        model.to(device)
     model.config.use_cache = False
-    if torch.cuda.is_available():  # quantized on the CPU above, so only 4-bit weights move
-        model.cuda()
     return model
 
 
