@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     info = bench.machine()
     result = {"benchmark": "QLoRA training step profile (torch.profiler), ms per step",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": info, "versions": bench.versions(),
+              "machine": info, "versions": bench.versions(), "commit": bench.commit(),
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "wall_s": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
               "config": {"vocab_size": args.vocab, "warmup": args.warmup, "steps": args.steps},

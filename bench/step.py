@@ -24,8 +24,9 @@ on a shared, loaded machine these say more than the wall time. ``--threads`` set
 
 Peak memory: torch's CPU allocator is plain malloc, so we read the kernel's peak resident set
 (VmHWM in /proc/self/status) in a fresh subprocess per side and dtype. Each child imports the
-same libraries, builds its model, then resets the peak (writing 5 to /proc/self/clear_refs) and
-runs a few steps: ``train_peak_MB`` is the peak resident memory while training (libraries and
+same libraries, builds its model, returns the memory the build freed to the system (glibc's
+malloc_trim: otherwise the heap keeps what loading the fp32 checkpoint left, which differs by
+side and run), then resets the peak (writing 5 to /proc/self/clear_refs) and runs a few steps: ``train_peak_MB`` is the peak resident memory while training (libraries and
 model included), ``build_peak_MB`` the peak while loading and quantizing, ``baseline_MB`` the
 resident memory after the imports alone.
 
@@ -35,6 +36,7 @@ resident memory after the imports alone.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -129,6 +131,7 @@ def memory_child(side: str, dtype: str, folder: Path, vocab: int, steps: int) ->
     model, opt = BUILD[side](folder, DTYPES[dtype])
     inputs = batch(vocab)
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what the build freed, on both sides
     build_peak, resident = _status_kb("VmHWM"), _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
     for _ in range(steps):
@@ -194,6 +197,16 @@ def machine_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-") + f"-{info['cores']}c"
 
 
+def commit() -> str | None:
+    """The repository's commit (with '+dirty' when files differ from it), or None."""
+    def git(*args):
+        run = subprocess.run(["git", *args], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+        return run.stdout.strip() if run.returncode == 0 else None
+    head = git("rev-parse", "--short", "HEAD")
+    return head and head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def versions() -> dict:
     import bitsandbytes
     import peft
@@ -238,7 +251,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "QLoRA training step, qlora_mini vs transformers + bitsandbytes + PEFT",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": info, "versions": versions(),
+        "machine": info, "versions": versions(), "commit": commit(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "wall_s": round(time.time() - start, 1), "torch_threads": torch.get_num_threads(),
         "config": {**SHAPE, "vocab_size": args.vocab, "r": R, "alpha": ALPHA, "lora_dropout": 0.0,

@@ -54,7 +54,9 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step_t, *, lr, beta1, beta2, eps,
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)  # p -= lr * m_hat / (sqrt(v_hat)+eps)
 
 
-CHUNK_NUMEL = 2**22  # elements per multi-tensor update: its temporaries stay under 16 MiB
+# elements per multi-tensor update: on a CPU a chunk's arrays (512 KiB each) stay in the cache
+# from one operation to the next; on a GPU the temporaries stay under 16 MiB
+CHUNK_NUMEL = {"cpu": 2**17, "cuda": 2**22}
 
 
 @torch.no_grad()
@@ -76,16 +78,17 @@ def adamw_update_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, bet
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bias_correction1])
 
 
-def chunks(params, max_numel: int = CHUNK_NUMEL):
-    """Split params into lists on one device of about max_numel elements each (a tensor larger
-    than max_numel gets a list of its own)."""
+def chunks(params, max_numel: int | None = None):
+    """Split params into lists on one device of about max_numel elements each (default:
+    CHUNK_NUMEL of the device type); a tensor larger than that gets a list of its own."""
     by_device = {}
     for p in params:
         by_device.setdefault(p.device, []).append(p)
-    for same_device in by_device.values():
+    for device, same_device in by_device.items():
+        cap = max_numel or CHUNK_NUMEL.get(device.type, CHUNK_NUMEL["cuda"])
         chunk, numel = [], 0
         for p in same_device:
-            if chunk and numel + p.numel() > max_numel:
+            if chunk and numel + p.numel() > cap:
                 yield chunk
                 chunk, numel = [], 0
             chunk.append(p)
