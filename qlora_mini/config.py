@@ -33,6 +33,7 @@ class TrainConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    dtype_policy: str = "reference"    # reference (qlora.py --bf16) | fp32 (fp32 adapters, PEFT's)
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -101,8 +102,9 @@ def load_config(config: str = "default", overrides: dict | None = None) -> Train
     return TrainConfig(**values)
 
 
-CHOICES = {"dataset_format": ("auto", "oasst", "alpaca", "input-output"),
+ALLOWED = {"dataset_format": ("auto", "oasst", "alpaca", "input-output"),
            "quant_type": ("nf4", "fp4"), "compute_dtype": ("float32", "bfloat16", "float16"),
+           "dtype_policy": ("reference", "fp32"),
            "optim": ("paged_adamw_32bit", "adamw_torch"),
            "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine")}
 POSITIVE = ("source_max_len", "target_max_len", "lora_r", "per_device_train_batch_size",
@@ -116,7 +118,7 @@ UNIT = {"eval_fraction": (0, 1), "lora_dropout": (0, 1), "adam_beta1": (0, 1),
 def config_problems(cfg: TrainConfig) -> list[str]:
     """Everything wrong with a config, one message per problem (empty when it is valid)."""
     v = vars(cfg)
-    bad = [f"{k}={v[k]!r}: allowed {', '.join(c)}" for k, c in CHOICES.items() if v[k] not in c]
+    bad = [f"{k}={v[k]!r}: allowed {', '.join(c)}" for k, c in ALLOWED.items() if v[k] not in c]
     bad += [f"{k}={v[k]!r}: must be > 0" for k in POSITIVE if not v[k] > 0]
     bad += [f"{k}={v[k]!r}: must be >= 0" for k in NON_NEGATIVE if not v[k] >= 0]
     bad += [f"{k}={v[k]!r}: must be in [{lo}, {hi})" for k, (lo, hi) in UNIT.items()

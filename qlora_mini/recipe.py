@@ -16,7 +16,7 @@ from qlora_mini.paged import PagedAdamW
 def build_model(cfg: TrainConfig):
     """The base model with LoRA adapters. QLoRA: chapter 5's load_4bit reads the checkpoint
     straight into 4 bits on the training device (the GPU when there is one), then prepare_qlora
-    applies the dtype policy (the config's dtype_policy if it has one, else the reference's).
+    applies the config's dtype policy (chapter 6).
     Plain LoRA (quantize=False): the same layers on the 16/32-bit base, everything else frozen."""
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,7 +26,7 @@ def build_model(cfg: TrainConfig):
                           double_quant=cfg.double_quant, device=device)
         prepare_qlora(model, **lora, target_modules=cfg.target_modules, compute_dtype=dtype,
                       gradient_checkpointing=cfg.gradient_checkpointing,
-                      dtype_policy=getattr(cfg, "dtype_policy", "reference"))
+                      dtype_policy=cfg.dtype_policy)
     else:
         model = load_model(cfg.model)
         model.requires_grad_(False)
