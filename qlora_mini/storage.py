@@ -168,6 +168,11 @@ def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
             raise ValueError(f"{name} has {has} entries but state.shape {tuple(state.shape)}, "
                              f"blocksize {state.blocksize} need {needs}: this state belongs to "
                              "another tensor")
+    for f in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
+        t = getattr(state, f)
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"state.{f} is on {t.device} but packed is on {packed.device}: "
+                             "move the packed codes and their state to one device")
 
 
 BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)

@@ -239,3 +239,12 @@ def test_old_names_are_gone():
     """Chapters 5 and 6 moved to the new names; the near-anagram and the ambiguous check are gone."""
     for old in ("quantize_absmax", "dequantize_absmax", "_check_blocksize"):
         assert not hasattr(storage, old), old
+
+
+def test_state_on_another_device_is_refused():
+    """A state whose tensors live elsewhere than the packed codes is an error, not wrong values
+    (the meta device stands in for a second device on a CPU-only machine)."""
+    packed, state = quantize_4bit(torch.randn(4, 64))
+    moved = QuantState4bit(**{**state.__dict__, "absmax": state.absmax.to("meta")})
+    with pytest.raises(ValueError, match="state.absmax is on meta but packed is on cpu"):
+        dequantize_4bit(packed, moved)
