@@ -7,7 +7,8 @@ is saved once with ``save_pretrained`` to a temporary folder, and both sides loa
 
   qlora_mini   from_pretrained (fp32) -> qlora_mini.prepare_qlora (NF4 + double quantization,
                LoRA r=64 alpha=16 on all linear layers but lm_head, dropout 0, gradient
-               checkpointing) -> qlora_mini.PagedAdamW
+               checkpointing, dtype_policy="fp32": PEFT's dtypes, fp32 adapters, norms,
+               embeddings and head, like the reference) -> qlora_mini.PagedAdamW
   reference    from_pretrained with BitsAndBytesConfig(nf4, double quant, compute dtype) ->
                peft.prepare_model_for_kbit_training (gradient checkpointing) -> peft.get_peft_model
                (LoraConfig r=64 alpha=16, "all-linear", dropout 0) -> bnb.optim.PagedAdamW32bit
@@ -74,7 +75,7 @@ def ours(folder: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     qlora_mini.prepare_qlora(model, r=R, alpha=ALPHA, dropout=0.0, compute_dtype=dtype,
-                             gradient_checkpointing=True)
+                             gradient_checkpointing=True, dtype_policy="fp32")  # PEFT's dtypes
     params = [p for p in model.parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no paging on a CPU"
