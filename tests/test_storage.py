@@ -248,3 +248,16 @@ def test_state_on_another_device_is_refused():
     moved = QuantState4bit(**{**state.__dict__, "absmax": state.absmax.to("meta")})
     with pytest.raises(ValueError, match="state.absmax is on meta but packed is on cpu"):
         dequantize_4bit(packed, moved)
+
+
+def test_extreme_weights_dequantize_like_bitsandbytes():
+    """Issue 15 asked what [3e38, -3e38] gives with double quantization. Decision: the same bytes
+    and the same values as bitsandbytes (finite, the weights themselves), checked here."""
+    import bitsandbytes.functional as BF
+    for W in (torch.tensor([3e38, -3e38]), torch.tensor([3.4e38, -3.4e38] * 32 + [1.0] * 64)):
+        packed, state = quantize_4bit(W, double_quant=True)
+        ref_packed, ref_state = BF.quantize_4bit(W, blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True)
+        ours, theirs = dequantize_4bit(packed, state), BF.dequantize_4bit(ref_packed, ref_state)
+        assert torch.equal(packed.view(-1), ref_packed.view(-1))
+        assert torch.isfinite(ours).all() and torch.equal(ours, theirs.view(-1))
