@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from qlora_mini import evaluate as E
 from qlora_mini import train as T
-from tiny_model import make_tiny_model
+from tiny_model import make_tiny_model, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,7 @@ def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def _args(model, out, *extra):
-    return ["--config", "default", "--model", str(model), "--output", str(out), "--max-steps", "4",
-            "--set", "save_steps=2", "--set", "eval_steps=0", "--set", "max_eval_samples=4",
-            "--set", "per_device_train_batch_size=2", "--set", "target_max_len=32",
-            "--set", "lora_r=4", "--set", "gradient_accumulation_steps=2", "--no-progress", *extra]
+_args = train_args
 
 
 @pytest.fixture(scope="module")

@@ -28,3 +28,12 @@ def make_tiny_model(folder, vocab_size: int = 384, hidden: int = 64, layers: int
                          eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def train_args(model, out, *extra) -> list:
+    """`python -m qlora_mini.train` arguments for a 4-step run of the tiny model: checkpoints at
+    steps 2 and 4, small batches and targets (the train and fault tests share them)."""
+    return ["--config", "default", "--model", str(model), "--output", str(out), "--max-steps", "4",
+            "--set", "save_steps=2", "--set", "eval_steps=0", "--set", "max_eval_samples=4",
+            "--set", "per_device_train_batch_size=2", "--set", "target_max_len=32",
+            "--set", "lora_r=4", "--set", "gradient_accumulation_steps=2", "--no-progress", *extra]
