@@ -44,6 +44,15 @@ _ext = None     # the built torch extension
 _error = None   # why there is none (a string), once we tried
 
 
+def _build_failed(device: str, e: Exception) -> str:
+    """Warn once, with the full error, that the `device` kernel did not build; return the short
+    reason that active_path() reports."""
+    warnings.warn(f"qlora_mini: the {device} dequantization kernel did not build, {device} tensors "
+                  f"use the PyTorch reference instead.\n{type(e).__name__}: {e}", RuntimeWarning)
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    return f"build failed: {type(e).__name__}: {last}"
+
+
 def _cache_dir() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
     return Path(get_default_build_root()) / "qlora_mini"
@@ -73,10 +82,7 @@ def _build():
                     extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
                     extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        _error = f"build failed: {type(e).__name__}: {last}"
-        warnings.warn(f"qlora_mini: the CUDA dequantization kernel did not build, CUDA tensors use "
-                      f"the PyTorch reference instead.\n{type(e).__name__}: {e}", RuntimeWarning)
+        _error = _build_failed("CUDA", e)
     return _ext
 
 
@@ -182,10 +188,7 @@ def _build_cpu():
     try:
         _cpu_lib = build_cpu_library()
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        _cpu_error = f"build failed: {type(e).__name__}: {last}"
-        warnings.warn(f"qlora_mini: the CPU dequantization kernel did not build, CPU tensors use "
-                      f"the PyTorch reference instead.\n{type(e).__name__}: {e}", RuntimeWarning)
+        _cpu_error = _build_failed("CPU", e)
     return _cpu_lib
 
 

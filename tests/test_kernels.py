@@ -31,6 +31,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(INT_VIEW[t.dtype])
 
 
+def assert_matches_bnb(got: torch.Tensor, want: torch.Tensor, quant_type: str):
+    """Equal to bitsandbytes' CPU dequantization: bit for bit for NF4; for FP4 equal values, the
+    only bit differences being our -0.0 where bitsandbytes' CPU path writes +0.0."""
+    if quant_type == "nf4":
+        assert_bit_exact(got, want)
+        return
+    assert torch.equal(got, want)
+    differ = bits(got) != bits(want)
+    assert (got[differ] == 0).all() and torch.signbit(got[differ]).all()
+
+
 def assert_bit_exact(got: torch.Tensor, want: torch.Tensor, case=""):
     assert got.shape == want.shape and got.dtype == want.dtype, case
     assert not torch.isnan(got).any(), f"{case}: an output element was not written (NaN poison survived)"
@@ -133,12 +144,7 @@ def test_host_emulation_matches_bitsandbytes():
                 p, qs = to_bnb(packed, state)
                 qs.dtype = dtype
                 got, want = kernel_checks.dequantize_4bit_host(packed, state, dtype), F.dequantize_4bit(p, qs)
-                if quant_type == "nf4":
-                    assert_bit_exact(got, want)
-                else:
-                    assert torch.equal(got, want)
-                    differ = bits(got) != bits(want)
-                    assert (got[differ] == 0).all() and torch.signbit(got[differ]).all()
+                assert_matches_bnb(got, want, quant_type)
 
 
 def test_torch_binding_compiles_on_host():
@@ -242,12 +248,7 @@ def test_cpu_twin_matches_bitsandbytes(quant_type, dq):
                 continue                                         # bnb's AVX-512 CPU bug
             bstate.dtype = dtype
             want = F.dequantize_4bit(bpacked, bstate)
-            if quant_type == "nf4":
-                assert_bit_exact(got, want)
-            else:
-                assert torch.equal(got, want)
-                differ = bits(got) != bits(want)
-                assert (got[differ] == 0).all() and torch.signbit(got[differ]).all()
+            assert_matches_bnb(got, want, quant_type)
 
 
 def test_cpu_twin_refuses_what_it_cannot_read():
