@@ -27,11 +27,12 @@ from qlora_mini.plotting import figure
 from qlora_mini.recipe import build_model, lr_factor, make_optimizer
 
 
-def _micro_batch(k: int, examples, lengths, cfg: TrainConfig, pad_id: int, cache: dict) -> dict:
+def _micro_batch(k: int, examples, cfg: TrainConfig, pad_id: int, cache: dict) -> dict:
     """The k-th micro-batch of the run: epoch and position follow from k alone."""
     n_batches = math.ceil(len(examples) / cfg.per_device_train_batch_size)
     epoch, i = divmod(k, n_batches)
-    if cache.get("epoch") != epoch:
+    if cache.get("epoch") != epoch:               # a new epoch: its batch order, once
+        lengths = [len(e["input_ids"]) for e in examples]
         cache.update(epoch=epoch, batches=epoch_batches(
             lengths, cfg.per_device_train_batch_size, cfg.seed, epoch, cfg.group_by_length))
     return collate([examples[j] for j in cache["batches"][i]], pad_id)
@@ -147,10 +148,10 @@ def _apply_hyperparameters(run: Run) -> None:
 def train_step(run: Run) -> dict:
     """One optimizer step: accumulate the gradients of gradient_accumulation_steps micro-batches,
     clip, step the optimizer and the schedule. Returns the step's log record."""
-    cfg, state, lengths = run.cfg, run.state, [len(e["input_ids"]) for e in run.train_ex]
+    cfg, state = run.cfg, run.state
     loss_sum = 0.0
     for _ in range(cfg.gradient_accumulation_steps):
-        batch = _micro_batch(state["microbatch"], run.train_ex, lengths, cfg, run.pad_id,
+        batch = _micro_batch(state["microbatch"], run.train_ex, cfg, run.pad_id,
                              run.cache)
         batch = {k: v.to(run.model.device) for k, v in batch.items()}  # (B, T) long each
         state["microbatch"] += 1
@@ -269,8 +270,9 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
         _fail([e])
-    if config_problems(cfg):
-        _fail(config_problems(cfg))
+    problems = config_problems(cfg)
+    if problems:
+        _fail(problems)
     try:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress,
                         force=args.force, overwrite=args.overwrite)
