@@ -1,6 +1,8 @@
 """The package's shape: imports follow the chapters (no loops, nothing importing a later chapter),
 modules stay readable (about 300 lines), classes are not patched by bare assignment."""
 import ast
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -99,3 +101,20 @@ def test_the_checker_sees_a_backward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "PKG", fake)
     with pytest.raises(AssertionError, match="imports later chapters"):
         test_imports_run_from_earlier_chapters_only("early")
+
+
+def test_top_level_names_load_lazily_and_are_the_modules_own():
+    """`import qlora_mini` loads no chapter past 4 (so `python -m qlora_mini.train` skips pandas);
+    every name in __all__ then resolves to the object its chapter module defines."""
+    code = ("import sys, importlib, qlora_mini as q\n"
+            "assert 'pandas' not in sys.modules and 'qlora_mini.elo' not in sys.modules\n"
+            "public = {n: importlib.import_module(f'qlora_mini.{m}') for m, ns in q._EXPORTS.items()"
+            " for n in ns}\n"
+            "assert sorted(q.__all__) == sorted(['kernels', *public])\n"
+            "assert all(getattr(q, n) is getattr(public[n], n) for n in public)\n"
+            "assert set(q.__all__) <= set(dir(q))\n"
+            "assert q.paged is importlib.import_module('qlora_mini.paged')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PKG.parent)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import qlora_mini
+        qlora_mini.nope
