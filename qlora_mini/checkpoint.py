@@ -17,34 +17,41 @@ import time
 import numpy as np
 from safetensors.torch import load_file, save_file
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from qlora_mini.lora import load_adapter, save_adapter
+from qlora_mini.config import resume_changes
+from qlora_mini.lora import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
 from qlora_mini.model import atomic_dir
 
 
-def _optimizer_to_files(opt, folder: Path) -> None:
-    """Optimizer state: tensors to safetensors, everything else (steps, param groups) to JSON."""
-    sd = opt.state_dict()
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # sharded state: gathered
+
+
+def _optimizer_to_files(sd: dict, folder: Path) -> None:
+    """Optimizer state, keyed by parameter name (torch.distributed.checkpoint's form): tensors
+    to safetensors, everything else (param groups, non-tensor values) to JSON."""
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
+    for name, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
+                tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
             else:
-                scalars[f"{idx}.{k}"] = v
+                scalars[f"{name}.{k}"] = v
     save_file(tensors, folder / "optimizer.safetensors")
     (folder / "optimizer.json").write_text(json.dumps(
         {"param_groups": sd["param_groups"], "scalars": scalars}, indent=1))
 
 
-def _optimizer_from_files(opt, folder: Path) -> None:
+def _optimizer_from_files(folder: Path) -> dict:
     meta = json.loads((folder / "optimizer.json").read_text())
     state: dict = {}
     for key, v in list(load_file(folder / "optimizer.safetensors").items()) + list(
             meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        name, k = key.rsplit(".", 1)                 # "model.layers.0....lora_A.weight", "step"
+        state.setdefault(name, {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _rng_state() -> tuple[dict, dict]:
@@ -67,41 +74,84 @@ def _set_rng_state(tensors: dict, scalars: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _test_hook(event: str, step: int) -> None:
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a parameter, gradient or norm that may be sharded (DTensor)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def whole_adapters(model) -> dict:
+    """{parameter name: whole tensor on the CPU} of the trained (LoRA) parameters."""
+    return {n: whole(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def write_adapter(model, tensors: dict, directory: Path) -> Path:
+    """lora.save_adapter's PEFT files, from whole_adapters (so also for a sharded model)."""
+    tensors = {PEFT_PREFIX + n: t.contiguous() for n, t in tensors.items()}
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise ValueError("refusing to save non-finite adapters (NaN or inf: a diverged run?)")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
+    return directory
+
+
+@torch.no_grad()
+def read_adapters(model, directory: Path) -> None:
+    """A PEFT adapter folder (checked by lora.read_adapter) into the model's LoRA parameters."""
+    _, tensors = read_adapter(directory)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if {PEFT_PREFIX + n for n in trained} != set(tensors):
+        raise ValueError(f"{directory}: its tensors are not the model's LoRA parameters")
+    for n, p in trained.items():
+        full = tensors[PEFT_PREFIX + n].to(p.device, p.dtype)        # (out, in) whole
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements)
+                if isinstance(p, DTensor) else full)
+
+
+def fault_hook(event: str, step: int) -> None:
     """Fault injection for tests: QLORA_MINI_KILL_DURING_SAVE=N SIGKILLs this process halfway
     through writing checkpoint N; QLORA_MINI_PAUSE_AFTER_SAVE=N stops after checkpoint N is
-    written (so that a test can SIGKILL it there)."""
-    if event == "mid-save" and os.environ.get("QLORA_MINI_KILL_DURING_SAVE") == str(step):
+    written (so that a test can SIGKILL it there); QLORA_MINI_KILL_RANK=R:N SIGKILLs process R
+    of a torchrun run (chapter 11) when its step N starts."""
+    rank = os.environ.get("RANK", "0")
+    if (event == "mid-save" and os.environ.get("QLORA_MINI_KILL_DURING_SAVE") == str(step)) or (
+            event == "step" and os.environ.get("QLORA_MINI_KILL_RANK") == f"{rank}:{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
     if event == "saved" and os.environ.get("QLORA_MINI_PAUSE_AFTER_SAVE") == str(step):
         print(f"PAUSED after checkpoint-{step}", flush=True)
         time.sleep(600)
 
 
-def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg) -> Path:
+def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg, par) -> Path:
     """checkpoint-N/: adapter/ (PEFT files), optimizer.{safetensors,json}, rng.safetensors and
-    trainer_state.json (step, data position, scheduler, python/numpy RNG, config)."""
+    trainer_state.json (step, data position, scheduler, python/numpy RNG, config). Every process
+    calls it (the state is gathered: par.gather, torch.distributed.checkpoint); process 0 writes."""
     step = state["step"]
+    final = out / f"checkpoint-{step}"
+    adapters = whole_adapters(model)
+    optim = get_optimizer_state_dict(model, opt, options=WHOLE)   # process 0's: whole, CPU
+    rng = par.gather(_rng_state())                                # [(tensors, scalars)] a process
 
     def write(tmp: Path):
-        save_adapter(model, tmp / "adapter")
-        _test_hook("mid-save", step)
-        _optimizer_to_files(opt, tmp)
-        rng_tensors, rng_scalars = _rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
+        write_adapter(model, adapters, tmp / "adapter")
+        fault_hook("mid-save", step)
+        _optimizer_to_files(optim, tmp)
+        save_file({f"{r}.{k}": t for r, (ts, _) in enumerate(rng) for k, t in ts.items()},
+                  tmp / "rng.safetensors")
         sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {**state, "scheduler": sched_state, "rng": rng_scalars, "config": asdict(cfg)}))
+            {**state, "world_size": par.world, "scheduler": sched_state,
+             "rng": [sc for _, sc in rng], "config": asdict(cfg)}))
         _write_manifest(tmp)
 
-    final = out / f"checkpoint-{step}"
-    atomic_dir(final, write)
-    if cfg.save_total_limit:
-        for old in checkpoints(out)[:-cfg.save_total_limit]:
+    def commit():
+        atomic_dir(final, write)
+        for old in checkpoints(out)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
             shutil.rmtree(old)
-    _test_hook("saved", step)
-    return final
+        fault_hook("saved", step)
 
+    par.rank0(commit)
+    return final
 
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints in `out`, oldest first (temporary folders are never listed)."""
@@ -151,18 +201,45 @@ def latest_valid_checkpoint(out: Path, say=print) -> Path | None:
     return None
 
 
-def stored_config(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())["config"]
+def _trainer_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
 
 
-def load_checkpoint(folder: Path, model, opt, sched) -> dict:
-    """Restore adapters, optimizer, scheduler and RNG from `folder`; returns the trainer state."""
-    state = json.loads((folder / "trainer_state.json").read_text())
-    load_adapter(model, folder / "adapter")
-    _optimizer_from_files(opt, folder)
+def resume_point(cfg, force: bool, world: int = 1) -> Path | None:
+    """The newest valid checkpoint in cfg.output to resume from, after comparing its config and
+    number of processes with this run's (a change that breaks exact continuation needs force)."""
+    found = latest_valid_checkpoint(Path(cfg.output))
+    if found is None:
+        return None
+    stored = _trainer_state(found)
+    refused, applied = resume_changes(stored["config"], cfg, force)
+    was = stored.get("world_size", 1)
+    if was != world:      # the global batch, and which micro-batches each process computes
+        change = f"processes: {was} -> {world}"
+        if force:
+            applied.append(change)
+        else:
+            refused.append(f"{change} (breaks exact continuation; pass --force to apply it)")
+    if refused:
+        raise ValueError(f"resume from {found}: " + "; ".join(refused))
+    for change in applied:
+        print(f"resume: {change} (applied)")
+    return found
+
+
+def load_checkpoint(folder: Path, model, opt, sched, par) -> dict:
+    """Restore adapters, optimizer, scheduler and this process's RNG from `folder` (every process
+    reads it); returns the trainer state."""
+    state = _trainer_state(folder)
+    read_adapters(model, folder / "adapter")
+    set_optimizer_state_dict(model, opt, _optimizer_from_files(folder), options=WHOLE)
     sched.load_state_dict({**state.pop("scheduler"), "lr_lambdas": [None] * len(opt.param_groups)})
-    _set_rng_state(load_file(folder / "rng.safetensors"), state.pop("rng"))
-    state.pop("config")
+    rng, mine = load_file(folder / "rng.safetensors"), f"{par.rank}."
+    if par.rank < len(state["rng"]):        # a process the checkpoint had (else: its own seed)
+        _set_rng_state({k[len(mine):]: t for k, t in rng.items() if k.startswith(mine)},
+                       state["rng"][par.rank])
+    for key in ("rng", "config", "world_size"):
+        state.pop(key, None)
     return state
 
 

@@ -67,3 +67,49 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"lr_scheduler_type={kind!r}; allowed: constant, constant_with_warmup, "
                      "linear, cosine")
+
+
+def apply_hyperparameters(cfg: TrainConfig, opt, sched, model) -> None:
+    """--force on resume: the requested optimizer and LoRA settings replace the checkpoint's."""
+    for group in opt.param_groups:
+        group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                     eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    sched.base_lrs = [cfg.learning_rate] * len(opt.param_groups)
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.alpha, m.scaling = cfg.lora_alpha, cfg.lora_alpha / m.r
+
+
+class OneProcess:
+    """How the processes of a run share it, where that matters; here one process does it all.
+    Chapter 11 registers FSDP2's version for torchrun (register_processes)."""
+    rank, world = 0, 1   # this process, and how many share the run
+
+    def shard(self, model):
+        """The model this process trains: here the whole model."""
+        return model
+
+    def rank0(self, fn) -> None:
+        """fn() on process 0 only (files, the run lock); its error, if any, on every process."""
+        fn()
+
+    def mean(self, x: float) -> float:
+        """The mean of x over the processes (a step's loss)."""
+        return x
+
+    def gather(self, obj) -> list:
+        """[process 0's obj, process 1's obj, ...] on every process (the RNG states)."""
+        return [obj]
+
+
+_PROCESSES = {}  # name -> (applies() -> bool, make() -> OneProcess)
+
+
+def register_processes(name: str, applies, make) -> None:
+    """Chapter 11's hook: make() replaces OneProcess when applies() (say, under torchrun)."""
+    _PROCESSES[name] = (applies, make)
+
+
+def processes() -> OneProcess:
+    """The first registered layout that applies, else one process."""
+    return next((make() for applies, make in _PROCESSES.values() if applies()), OneProcess())

@@ -2,6 +2,7 @@
 # Chapter 8 — The Guanaco recipe
 """`python -m qlora_mini.train`: the Guanaco recipe as a resumable command (chapter 8)."""
 import argparse
+import contextlib
 from dataclasses import asdict, dataclass, field
 import json
 import math
@@ -15,16 +16,17 @@ import torch
 from tqdm.auto import tqdm
 import yaml
 
-from qlora_mini.checkpoint import (OutputInUse, latest_valid_checkpoint, load_checkpoint,
-                                   prepare_output, run_lock, save_checkpoint, stored_config)
+from qlora_mini.checkpoint import (OutputInUse, fault_hook, load_checkpoint, prepare_output,
+                                   resume_point, run_lock, save_checkpoint, whole,
+                                   whole_adapters, write_adapter)
 from qlora_mini.config import (TrainConfig, config_problems, length_problems, load_config,
-                               presets, resume_changes)
+                               presets)
 from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
 from qlora_mini.evaluate import eval_loss
-from qlora_mini.lora import save_adapter
 from qlora_mini.model import atomic_dir, load_tokenizer
 from qlora_mini.plotting import figure
-from qlora_mini.recipe import build_model, lr_factor, make_optimizer
+from qlora_mini.recipe import (OneProcess, apply_hyperparameters, build_model, lr_factor,
+                               make_optimizer, processes)
 
 
 def _micro_batch(k: int, examples, cfg: TrainConfig, pad_id: int, cache: dict) -> dict:
@@ -71,6 +73,7 @@ class Run:
     state: dict                      # {"step", "microbatch"}: all a resume needs besides files
     records: list                    # one dict per optimizer step, as log.jsonl holds them
     cache: dict = field(default_factory=dict)  # the current epoch's batch order
+    par: OneProcess = field(default_factory=OneProcess)  # the processes sharing the run
 
     @property
     def params(self) -> list:
@@ -93,24 +96,12 @@ def _examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     return [tok(r) for r in train_recs], eval_ex[:cfg.max_eval_samples or None]
 
 
-def _resume_point(cfg: TrainConfig, force: bool) -> Path | None:
-    """The newest valid checkpoint to resume from, after comparing its config with cfg."""
-    found = latest_valid_checkpoint(Path(cfg.output))
-    if found is None:
-        return None
-    refused, applied = resume_changes(stored_config(found), cfg, force)
-    if refused:
-        raise ValueError(f"resume from {found}: " + "; ".join(refused))
-    for change in applied:
-        print(f"resume: {change} (applied)")
-    return found
-
-
-def setup_run(cfg: TrainConfig, resume: bool = False, force: bool = False) -> Run:
+def setup_run(cfg: TrainConfig, resume: bool = False, force: bool = False,
+              par: OneProcess | None = None) -> Run:
     """Seed, load data, tokenizer and model, build the optimizer and schedule; with resume, load
     the newest valid checkpoint in cfg.output (config compared) and the log lines up to it."""
-    out = Path(cfg.output)
-    found = _resume_point(cfg, force) if resume else None
+    out, par = Path(cfg.output), par or OneProcess()
+    found = resume_point(cfg, force, par.world) if resume else None
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex = _examples(cfg, tokenizer)
@@ -118,47 +109,40 @@ def setup_run(cfg: TrainConfig, resume: bool = False, force: bool = False) -> Ru
     problems = length_problems(cfg, getattr(model.config, "max_position_embeddings", None))
     if problems:
         raise ValueError("; ".join(problems))
+    model = par.shard(model)                    # chapter 11: FSDP2 under torchrun
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     run = Run(cfg, out, model, opt, sched, train_ex, eval_ex, pad_token_id(tokenizer),
-              {"step": 0, "microbatch": 0}, [])
+              {"step": 0, "microbatch": 0}, [], par=par)
     if found:
-        run.state = load_checkpoint(found, model, opt, sched)
+        run.state = load_checkpoint(found, model, opt, sched, par)
         if force:
-            _apply_hyperparameters(run)
+            apply_hyperparameters(cfg, opt, sched, model)
         if (out / "log.jsonl").exists():  # drop what was logged after that checkpoint
             lines = (out / "log.jsonl").read_text().splitlines()
             run.records = [r for r in map(json.loads, lines) if r["step"] <= run.state["step"]]
-    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    par.rank0(lambda: (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg),
+                                                                      sort_keys=False)))
     return run
-
-
-def _apply_hyperparameters(run: Run) -> None:
-    """--force on resume: the requested optimizer and LoRA settings replace the checkpoint's."""
-    cfg = run.cfg
-    for group in run.opt.param_groups:
-        group.update(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                     eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    run.sched.base_lrs = [cfg.learning_rate] * len(run.opt.param_groups)
-    for m in run.model.modules():
-        if hasattr(m, "lora_A"):
-            m.alpha, m.scaling = cfg.lora_alpha, cfg.lora_alpha / m.r
 
 
 def train_step(run: Run) -> dict:
     """One optimizer step: accumulate the gradients of gradient_accumulation_steps micro-batches,
-    clip, step the optimizer and the schedule. Returns the step's log record."""
-    cfg, state = run.cfg, run.state
+    clip, step the optimizer and the schedule. Returns the step's log record. With N processes,
+    process r computes micro-batches r, r + N, ... of the step's N x accumulation."""
+    cfg, state, par = run.cfg, run.state, run.par
+    fault_hook("step", state["step"] + 1)
     loss_sum = 0.0
     for _ in range(cfg.gradient_accumulation_steps):
-        batch = _micro_batch(state["microbatch"], run.train_ex, cfg, run.pad_id,
+        batch = _micro_batch(state["microbatch"] + par.rank, run.train_ex, cfg, run.pad_id,
                              run.cache)
         batch = {k: v.to(run.model.device) for k, v in batch.items()}  # (B, T) long each
-        state["microbatch"] += 1
+        state["microbatch"] += par.world
         loss = run.model(**batch).loss  # mean over the micro-batch's label tokens
         (loss / cfg.gradient_accumulation_steps).backward()
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or float("inf"))
+    loss_sum = par.mean(loss_sum)       # over the processes: the step's mean micro-batch loss
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf))
     if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
         raise TrainingDiverged(
             f"step {state['step'] + 1}: loss {loss_sum / cfg.gradient_accumulation_steps} and "
@@ -173,7 +157,8 @@ def train_step(run: Run) -> dict:
 
 
 def _evaluate_log_save(run: Run, rec: dict) -> None:
-    """After a step: held-out loss when due, the log line, a checkpoint when due."""
+    """After a step: held-out loss when due, the log line, a checkpoint when due. Every process
+    evaluates on all held-out examples (FSDP's forward is collective); process 0 writes."""
     cfg, step = run.cfg, run.state["step"]
     last = step == cfg.max_steps
     if run.eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last):
@@ -181,9 +166,9 @@ def _evaluate_log_save(run: Run, rec: dict) -> None:
                                                          run.pad_id).items()})
         run.model.train()
     run.records.append(rec)
-    _write_log(run.out, run.records)
+    run.par.rank0(lambda: _write_log(run.out, run.records))
     if (cfg.save_steps and step % cfg.save_steps == 0) or last:
-        save_checkpoint(run.out, run.model, run.opt, run.sched, run.state, cfg)
+        save_checkpoint(run.out, run.model, run.opt, run.sched, run.state, cfg, run.par)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
@@ -193,17 +178,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     problems = config_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))
-    out = Path(cfg.output)
-    with run_lock(out):
-        prepare_output(out, resume, overwrite)
-        return _train(setup_run(cfg, resume, force), progress)
+    out, par = Path(cfg.output), processes()   # OneProcess, or chapter 11's under torchrun
+    with contextlib.ExitStack() as held:       # process 0 holds the lock, tidies the folder
+        par.rank0(lambda: (held.enter_context(run_lock(out)),
+                           prepare_output(out, resume, overwrite)))
+        return _train(setup_run(cfg, resume, force, par), progress)
 
 
 def _train(run: Run, progress: bool) -> dict:
     cfg = run.cfg
     run.model.train()
-    bar = tqdm(total=cfg.max_steps, initial=run.state["step"], disable=not progress,
-               desc="train")
+    bar = tqdm(total=cfg.max_steps, initial=run.state["step"], desc="train",
+               disable=not progress or run.par.rank > 0)
     while run.state["step"] < cfg.max_steps:
         rec = train_step(run)
         _evaluate_log_save(run, rec)
@@ -211,8 +197,10 @@ def _train(run: Run, progress: bool) -> dict:
         if rec["step"] % max(1, cfg.logging_steps) == 0 or rec["step"] == cfg.max_steps:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
     bar.close()
-    atomic_dir(run.out / "adapter", lambda tmp: save_adapter(run.model, tmp))
-    plt.close(plot_loss(run.records, run.out / "loss.png"))
+    adapters = whole_adapters(run.model)        # every process: gathered when sharded
+    run.par.rank0(lambda: (
+        atomic_dir(run.out / "adapter", lambda tmp: write_adapter(run.model, adapters, tmp)),
+        plt.close(plot_loss(run.records, run.out / "loss.png"))))
     final = run.records[-1] if run.records else {}
     return {"step": run.state["step"], "loss": final.get("loss"),
             "eval_loss": final.get("eval_loss"), "eval_ppl": final.get("eval_perplexity"),
