@@ -62,8 +62,8 @@ class LoRALinear(nn.Module):
 @add_to_class(LoRALinear)
 def forward(self, x):
     y = self.base(x).to(x.dtype)                       # (..., out) computed in compute dtype
-    x = x.to(self.lora_A.weight.dtype)                 # (..., in) float32
-    h = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out) float32
+    x = x.to(self.lora_A.weight.dtype)                 # (..., in) the adapters' dtype
+    h = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out) adapters' dtype
     return y + h.to(y.dtype)
 
 
