@@ -114,9 +114,11 @@ def site(book):
 @pytest.fixture(scope="module")
 def browser():
     """Headless Debian Chromium, driven by Playwright (which downloads no browser here)."""
-    executable = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    names = ("chromium", "chromium-browser", "google-chrome")  # Debian's; Ubuntu's; Chrome
+    executable = os.environ.get("CHROMIUM") or next(filter(None, map(shutil.which, names)), None)
     if not executable:
-        unavailable("no `chromium` executable (Debian package chromium; or set CHROMIUM)")
+        unavailable(f"none of {names} is installed (Debian: apt-get install chromium; "
+                    "or set CHROMIUM to a Chromium executable)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

@@ -18,7 +18,13 @@ fi
 # The book's browser test (tests/test_browser.py) drives Debian's Chromium with Playwright, which
 # downloads no browser of its own. Installed only when missing and apt-get can run (as root, or
 # through sudo without a password); otherwise the test skips, saying why (under CI it fails).
-if ! command -v chromium >/dev/null 2>&1; then
+have_browser() {  # the names tests/test_browser.py looks for
+  for name in chromium chromium-browser google-chrome; do
+    command -v "$name" >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+if ! have_browser; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
   elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
@@ -27,11 +33,11 @@ if ! command -v chromium >/dev/null 2>&1; then
     SUDO=none
   fi
   if [ "$SUDO" = none ]; then
-    echo "setup: no chromium, and apt-get cannot run here: the browser test will skip" >&2
+    echo "setup: no chromium, and apt-get cannot run: the browser test will skip (CI: fail)" >&2
   else
     { $SUDO apt-get update -qq \
       && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } \
-      || echo "setup: apt-get install chromium failed: the browser test will skip" >&2
+      || echo "setup: apt-get install chromium failed: the browser test will skip (CI: fail)" >&2
   fi
 fi
 
