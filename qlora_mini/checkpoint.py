@@ -153,6 +153,7 @@ def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg, par) -> Path
     par.rank0(commit)
     return final
 
+
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints in `out`, oldest first (temporary folders are never listed)."""
     found = [p for p in Path(out).glob("checkpoint-*")

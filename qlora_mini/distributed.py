@@ -11,6 +11,7 @@ from torch.distributed.fsdp import fully_shard
 
 from qlora_mini.lora import lora_layers
 from qlora_mini.memory import meta_model, qlora_memory
+from qlora_mini.recipe import OneProcess, register_processes
 
 
 def init_distributed() -> tuple[int, int]:
@@ -18,9 +19,15 @@ def init_distributed() -> tuple[int, int]:
     NCCL on CUDA, gloo on CPU. Returns (rank, world size); (0, 1) outside torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
         return 0, 1
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count()
+    if 0 < gpus <= local:
+        raise ValueError(f"process {local} of this machine has no GPU of its own: "
+                         f"the machine has {gpus}, so run at most {gpus} processes "
+                         "a machine")
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -130,6 +137,52 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__" and "__file__" in globals():  # `python -m`, not a notebook kernel
     sys.exit(main())
+
+
+class FSDPProcesses(OneProcess):
+    """Chapter 8's OneProcess for the processes of torchrun: the model sharded
+    with FSDP2, the loss averaged, files and logs from process 0, the RNG
+    states of all processes."""
+
+    def __init__(self):
+        self.rank, self.world = init_distributed()
+        if self.rank > 0:        # logs, progress, the summary: process 0's
+            sys.stdout = open(os.devnull, "w")
+
+    def shard(self, model):
+        return shard_qlora(model)
+
+    def rank0(self, fn) -> None:
+        error = [None]
+        if self.rank == 0:
+            try:
+                fn()
+            except Exception as e:   # raised on every process: none waits
+                error[0] = e
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
+
+    def mean(self, x: float) -> float:
+        t = torch.tensor(x, dtype=torch.float64, device=_device())  # () float64
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        return t.item()
+
+    def gather(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+register_processes("fsdp2", under_torchrun, FSDPProcesses)
 
 
 def fsdp_memory(config, world_size: int, batch_size: int = 1, seq_len: int = 512, r: int = 64,

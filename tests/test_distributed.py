@@ -1,6 +1,10 @@
 """QLoRA on FSDP2 (chapter 11), with real processes: two gloo processes on this CPU follow one
-process step for step; bad splits, meshes and models are clear errors."""
+process step for step, in the demo and in the training command (`torchrun -m qlora_mini.train`),
+which also resumes exactly after one of its processes is SIGKILLed; bad splits, meshes, models and
+numbers of processes are clear errors."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from qlora_mini import distributed as D
+from qlora_mini import train as T
 from qlora_mini.memory import llama_config, qlora_memory
+from tiny_model import make_tiny_model, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -97,3 +104,121 @@ def test_memory_per_card_splits_what_fsdp_shards():
     assert four["gathered: decoder layer(s)"] == pytest.approx(2 * layer)   # with prefetch
     with pytest.raises(ValueError, match="world_size"):
         D.fsdp_memory(cfg, 0)
+
+
+# The training command under torchrun. One fixture launches it three times (about 10 s each on
+# 2 cores): two processes uninterrupted; two processes whose process 1 is SIGKILLed when step 6
+# starts (after checkpoint-4); the same command with --resume. And one process in this process
+# with the same global batch (2 sequences x 2 accumulation x 1 = 2 x 1 x 2). Dropout is off so
+# that one and two processes compute the same thing (each process draws its own dropout masks).
+STEPS_CLI = ("--max-steps", "10", "--set", "save_steps=4", "--set", "lora_dropout=0")
+
+
+def _train_cli(tiny, out, *extra, **env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "qlora_mini.train", *train_args(tiny, out, *STEPS_CLI, *extra)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny = make_tiny_model(root / "tiny")
+    one_accum = ("--set", "gradient_accumulation_steps=1")
+    runs = {"two": _train_cli(tiny, root / "two", *one_accum),
+            "killed": _train_cli(tiny, root / "resumed", *one_accum, QLORA_MINI_KILL_RANK="1:6")}
+    runs["left"] = sorted(p.name for p in (root / "resumed").glob("checkpoint-*"))
+    runs["resumed"] = _train_cli(tiny, root / "resumed", *one_accum, "--resume")
+    T.main(train_args(tiny, root / "one", *STEPS_CLI))          # 1 process, accumulation 2
+    return root, tiny, runs
+
+
+def _log(folder) -> list:
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def _adapter(folder) -> dict:
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def test_command_on_two_processes_equals_one_process(cli):
+    root, _, runs = cli
+    assert runs["two"].returncode == 0, runs["two"].stderr[-3000:]
+    two, one = _log(root / "two"), _log(root / "one")
+    assert [r["step"] for r in two] == list(range(1, 11))          # process 0 logs, once a step
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-6)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], abs=1e-6)  # the gradients
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert _max_diff(_adapter(root / "two"), _adapter(root / "one")) < 1e-5    # fp32 order
+    summary = [line for line in runs["two"].stdout.splitlines() if line.startswith("{")]
+    assert len(summary) == 1 and json.loads(summary[0])["step"] == 10  # printed by process 0
+
+
+def test_killed_process_then_resume_gives_the_uninterrupted_adapters(cli):
+    root, _, runs = cli
+    assert runs["killed"].returncode != 0
+    assert "Signal 9 (SIGKILL)" in runs["killed"].stderr           # torchrun's report
+    assert runs["left"] == ["checkpoint-4"]
+    assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-3000:]
+    ref, got = _adapter(root / "two"), _adapter(root / "resumed")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert _log(root / "resumed") == _log(root / "two")
+
+
+def test_resume_with_another_number_of_processes(cli, tmp_path, capsys):
+    """A checkpoint holds whole tensors, so one process can continue a two-process run; but the
+    global batch and each process's micro-batches change: refused without --force."""
+    root, tiny, _ = cli
+    out = tmp_path / "run"
+    shutil.copytree(root / "two", out)
+    for name in ("adapter", "checkpoint-10"):
+        shutil.rmtree(out / name)
+    with pytest.raises(SystemExit) as e:
+        T.main(train_args(tiny, out, *STEPS_CLI, "--resume", "--set",
+                          "gradient_accumulation_steps=1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "processes: 2 -> 1 (breaks exact continuation; pass --force to apply it)" in err
+    T.main(train_args(tiny, out, *STEPS_CLI, "--resume", "--force"))   # accumulation 2: same batch
+    assert "resume: processes: 2 -> 1 (applied)" in capsys.readouterr().out
+    assert _max_diff(_adapter(out), _adapter(root / "two")) < 1e-5
+
+
+def test_a_process_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="process 1 of this machine has no GPU of its own: the "
+                                         "machine has 1, so run at most 1 processes a machine"):
+        D.init_distributed()
+
+
+def test_checkpoint_keeps_each_process_rng(tmp_path):
+    """Process r restores its own RNG state (its dropout masks), checked without processes: a
+    stand-in for process 1 of 2 whose gather returns both processes' states."""
+    from qlora_mini.checkpoint import _rng_state, load_checkpoint, save_checkpoint
+    from qlora_mini.lora import prepare_qlora
+    from qlora_mini.recipe import OneProcess
+    states = []
+    for seed in (1, 2):                                  # process 0's state, process 1's
+        torch.manual_seed(seed)
+        states.append(_rng_state())
+
+    class Second(OneProcess):
+        rank, world = 1, 2
+
+        def gather(self, obj):
+            return states
+
+    model = prepare_qlora(D._tiny_llama(0), r=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    x = torch.zeros(1, 4, dtype=torch.long)                                # (B, T)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    folder = save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "microbatch": 2},
+                             T.TrainConfig(output=str(tmp_path)), Second())
+    for par, want in ((Second(), states[1]), (OneProcess(), states[0])):
+        torch.manual_seed(3)
+        load_checkpoint(folder, model, opt, sched, par)
+        assert torch.equal(torch.get_rng_state(), want[0]["torch"])
