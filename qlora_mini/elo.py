@@ -68,13 +68,18 @@ def elo_ratings(games: pd.DataFrame, schedule, k: float = 32.0,
 
 
 def elo_orderings(games: pd.DataFrame, k: float = 32.0, initial: float = 1000.0,
-                  orderings: int = 10_000, seed: int = 0) -> pd.DataFrame:
+                  orderings: int = 10_000, seed: int = 0,
+                  sample: int | None = None) -> pd.DataFrame:
     """Final Elo ratings after each of `orderings` random orderings of the
-    games: a DataFrame with one row per ordering and one column per model."""
+    games: a DataFrame with one row per ordering and one column per model.
+    `sample`: each ordering plays only that many games, drawn at random without
+    replacement (the first `sample` of its shuffled order); default all."""
     if orderings < 1:
         raise ValueError(f"orderings must be >= 1, got {orderings}")
     models, *_ = check_games(games)
     rng, n = np.random.default_rng(seed), len(games)
+    if sample is not None and not 1 <= sample <= n:
+        raise ValueError(f"sample must be between 1 and the {n} games, got {sample}")
     chunk = max(1, 2**23 // n)  # orderings per pass: 8M games (32 MB)
     parts = []
     for start in range(0, orderings, chunk):
@@ -82,7 +87,7 @@ def elo_orderings(games: pd.DataFrame, k: float = 32.0, initial: float = 1000.0,
         games_once = np.arange(n, dtype=np.int32)
         schedule = rng.permuted(np.tile(games_once, (rows, 1)),
                                 axis=1)  # (rows, n) int32
-        parts.append(elo_ratings(games, schedule, k, initial)[1])
+        parts.append(elo_ratings(games, schedule[:, :sample], k, initial)[1])
     return pd.DataFrame(np.concatenate(parts), columns=models)
 
 
@@ -99,10 +104,12 @@ def summarize_ratings(samples: pd.DataFrame) -> pd.DataFrame:
 
 def elo_tournament(games: pd.DataFrame, k: float = 32.0,
                    initial: float = 1000.0, orderings: int = 10_000,
-                   seed: int = 0) -> pd.DataFrame:
-    """The paper's tournament: Elo averaged over random orderings of the games,
-    indexed by model, best first (see summarize_ratings for the columns)."""
-    return summarize_ratings(elo_orderings(games, k, initial, orderings, seed))
+                   seed: int = 0, sample: int | None = None) -> pd.DataFrame:
+    """The paper's tournament: Elo averaged over random orderings of the games
+    (each playing `sample` of them if given), indexed by model, best first (see
+    summarize_ratings for the columns)."""
+    return summarize_ratings(elo_orderings(games, k, initial, orderings, seed,
+                                           sample))
 
 
 def order_consistency(games: pd.DataFrame) -> pd.Series:

@@ -77,6 +77,23 @@ def test_tournament_is_the_mean_over_orderings():
     assert list(got.index) == list(got["elo"].sort_values(ascending=False).index)
 
 
+
+def test_sampled_tournament_is_the_mean_over_ordered_draws():
+    """sample=2 of 4 games: each ordering plays an ordered draw of 2 distinct games, all 12 equally
+    likely; the exact mean from a plain loop over all 12. sample=len(games) is the full tournament,
+    game for game (the same seed gives the same orderings)."""
+    rows = [("A", "B", 1.0), ("B", "C", 0.5), ("C", "A", 1.0), ("A", "C", 0.0)]
+    exact = pd.DataFrame([{**dict.fromkeys("ABC", 1000.0), **plain_elo([rows[i] for i in p])}
+                          for p in itertools.permutations(range(4), 2)]).mean()  # idle: 1000
+    got = elo_tournament(games_of(rows), orderings=20_000, seed=3, sample=2)
+    assert (got["elo"] - exact[got.index]).abs().max() < 0.5
+    full = elo_tournament(games_of(rows), orderings=50, seed=1)
+    pd.testing.assert_frame_equal(elo_tournament(games_of(rows), orderings=50, seed=1, sample=4),
+                                  full)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="sample must be between 1 and the 4 games"):
+            elo_tournament(games_of(rows), orderings=2, sample=bad)
+
 def test_bradley_terry_two_models_closed_form():
     # A scores 2.5 of 4 (two wins, a tie, a loss): exp(theta_A - theta_B) = 2.5 / 1.5
     g = games_of([("A", "B", 1.0), ("B", "A", 0.0), ("A", "B", 0.5), ("A", "B", 0.0)])
