@@ -8,6 +8,17 @@ import os
 from typing import Callable
 
 
+# Vendor datasheet numbers for the GPUs the book's rooflines use (dense, no sparsity): memory
+# bandwidth in bytes/s and bf16 tensor-core FLOP/s (None: no chapter uses it). One table, so that
+# chapters 4, 5 and 10 cannot disagree; these are specifications, not measurements.
+GPU_DATASHEETS = {
+    "H100 SXM": {"hbm_bytes_per_s": 3.35e12, "bf16_flops_per_s": 989e12},
+    "A100-80GB": {"hbm_bytes_per_s": 2.04e12, "bf16_flops_per_s": None},
+    "RTX 4090": {"hbm_bytes_per_s": 1.01e12, "bf16_flops_per_s": None},
+    "RTX A6000": {"hbm_bytes_per_s": 0.77e12, "bf16_flops_per_s": 154.8e12},
+}
+
+
 def ceil_div(a: int, b: int) -> int:
     """ceil(a / b) for non-negative integers, exactly (no float): blocks of ``b`` that hold ``a``."""
     return -(-a // b)

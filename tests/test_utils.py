@@ -34,3 +34,24 @@ def test_in_ci(monkeypatch, value, expected):
 def test_not_in_ci_when_unset(monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     assert in_ci() is False
+
+
+def test_gpu_datasheet_numbers_live_in_one_place():
+    """Every chapter's roofline reads qlora_mini.utils.GPU_DATASHEETS: no notebook's or module's
+    source types one of its numbers again (outputs are not searched)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from qlora_mini.utils import GPU_DATASHEETS
+    root = Path(__file__).resolve().parents[1]
+    values = {v for d in GPU_DATASHEETS.values() for v in d.values() if v}
+    spellings = {f"{v:g}" for v in values} | {f"{v / 1e12:g}e12" for v in values}
+    pattern = re.compile(r"(?<![\d.])(" + "|".join(re.escape(s) for s in spellings) + r")(?![\d])")
+    sources = {p: p.read_text() for p in (root / "qlora_mini").glob("*.py") if p.name != "utils.py"}
+    for nb in (root / "notebooks").glob("*.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        sources[nb] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    found = {str(p.relative_to(root)): pattern.findall(text) for p, text in sources.items()}
+    assert not {p: f for p, f in found.items() if f}
+    assert pattern.findall("peak = 989e12") and pattern.findall("bw = 3.35e12")  # it can fail
