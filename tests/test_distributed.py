@@ -21,22 +21,41 @@ from tiny_model import make_tiny_model, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
+# The training command's runs: 10 steps, a checkpoint every 4, dropout off so that one and two
+# processes compute the same thing (each process draws its own dropout masks), 2 sequences x 1
+# accumulation x 2 processes = the one-process run's 2 x 2 x 1.
+CLI = ("--max-steps", "10", "--set", "save_steps=4", "--set", "lora_dropout=0")
+TWO = ("--set", "gradient_accumulation_steps=1")
 
 
-def _torchrun(n: int, *args) -> subprocess.CompletedProcess:
+def _torchrun(*args, **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(n), "-m", "qlora_mini.distributed", *args]
+           "2", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "sharded.pt"
-    done = _torchrun(2, "--steps", str(STEPS), "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+def launched(tmp_path_factory):
+    """Three torchrun launches of two processes (each pays ~20 s of CPU to start): the demo and
+    then an uninterrupted run of the training command (tests/torchrun_two_runs.py); the command
+    (`-m qlora_mini.train`) with process 1 SIGKILLed when step 6 starts; the same with --resume."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tiny = make_tiny_model(root / "tiny")
+    done = {"first": _torchrun("tests/torchrun_two_runs.py", str(STEPS), str(root / "demo.pt"),
+                               *train_args(tiny, root / "two", *CLI, *TWO))}
+    assert done["first"].returncode == 0, done["first"].stderr[-3000:]
+    command = ("-m", "qlora_mini.train", *train_args(tiny, root / "resumed", *CLI, *TWO))
+    done["killed"] = _torchrun(*command, QLORA_MINI_KILL_RANK="1:6")
+    done["left"] = sorted(p.name for p in (root / "resumed").glob("checkpoint-*"))
+    done["resumed"] = _torchrun(*command, "--resume")
+    return root, tiny, done
+
+
+@pytest.fixture(scope="module")
+def runs(launched):
     single = D.demo_run(STEPS)                          # one process, no FSDP, same batches
-    return torch.load(out), single
+    return torch.load(launched[0] / "demo.pt"), single
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -106,32 +125,11 @@ def test_memory_per_card_splits_what_fsdp_shards():
         D.fsdp_memory(cfg, 0)
 
 
-# The training command under torchrun. One fixture launches it three times (about 10 s each on
-# 2 cores): two processes uninterrupted; two processes whose process 1 is SIGKILLed when step 6
-# starts (after checkpoint-4); the same command with --resume. And one process in this process
-# with the same global batch (2 sequences x 2 accumulation x 1 = 2 x 1 x 2). Dropout is off so
-# that one and two processes compute the same thing (each process draws its own dropout masks).
-STEPS_CLI = ("--max-steps", "10", "--set", "save_steps=4", "--set", "lora_dropout=0")
-
-
-def _train_cli(tiny, out, *extra, **env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "qlora_mini.train", *train_args(tiny, out, *STEPS_CLI, *extra)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-
-
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    tiny = make_tiny_model(root / "tiny")
-    one_accum = ("--set", "gradient_accumulation_steps=1")
-    runs = {"two": _train_cli(tiny, root / "two", *one_accum),
-            "killed": _train_cli(tiny, root / "resumed", *one_accum, QLORA_MINI_KILL_RANK="1:6")}
-    runs["left"] = sorted(p.name for p in (root / "resumed").glob("checkpoint-*"))
-    runs["resumed"] = _train_cli(tiny, root / "resumed", *one_accum, "--resume")
-    T.main(train_args(tiny, root / "one", *STEPS_CLI))          # 1 process, accumulation 2
-    return root, tiny, runs
+def cli(launched):
+    root, tiny, done = launched
+    T.main(train_args(tiny, root / "one", *CLI))                 # 1 process, accumulation 2
+    return root, tiny, {**done, "two": done["first"]}
 
 
 def _log(folder) -> list:
@@ -175,12 +173,11 @@ def test_resume_with_another_number_of_processes(cli, tmp_path, capsys):
     for name in ("adapter", "checkpoint-10"):
         shutil.rmtree(out / name)
     with pytest.raises(SystemExit) as e:
-        T.main(train_args(tiny, out, *STEPS_CLI, "--resume", "--set",
-                          "gradient_accumulation_steps=1"))
+        T.main(train_args(tiny, out, *CLI, "--resume", *TWO))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     assert "processes: 2 -> 1 (breaks exact continuation; pass --force to apply it)" in err
-    T.main(train_args(tiny, out, *STEPS_CLI, "--resume", "--force"))   # accumulation 2: same batch
+    T.main(train_args(tiny, out, *CLI, "--resume", "--force"))   # accumulation 2: same batch
     assert "resume: processes: 2 -> 1 (applied)" in capsys.readouterr().out
     assert _max_diff(_adapter(out), _adapter(root / "two")) < 1e-5
 

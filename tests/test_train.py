@@ -61,25 +61,12 @@ def test_run_writes_log_plot_checkpoints(reference):
     assert json.loads((ck / "trainer_state.json").read_text())["microbatch"] == 2 * 2
 
 
-def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tiny, reference, tmp_path):
-    proc = _subprocess(_args(tiny, tmp_path), QLORA_MINI_PAUSE_AFTER_SAVE="2")
-    for line in proc.stdout:  # wait until checkpoint-2 is on disk, then kill -9
-        if line.startswith("PAUSED after checkpoint-2"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    assert proc.wait(timeout=120) == -signal.SIGKILL
-    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
-    T.main(_args(tiny, tmp_path, "--resume"))
-    assert _same(_adapter(tmp_path / "adapter"), _adapter(reference[0] / "adapter"))
-    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
-    ref_log = [json.loads(l) for l in (reference[0] / "log.jsonl").read_text().splitlines()]
-    assert log == ref_log
-
-
 def test_kill_during_save_leaves_no_broken_checkpoint(tiny, reference, tmp_path):
     """A real SIGKILL halfway through writing checkpoint-4, the last (after the adapter, before
-    the optimizer): the half-written folder never appears under its name; resuming ends with the
-    same adapters as an uninterrupted run."""
+    the optimizer): the half-written folder never appears under its name; resuming from
+    checkpoint-2 ends with the same adapters and log as an uninterrupted run, bit for bit. (A
+    kill right after a complete checkpoint: test_train_faults.test_two_runs_cannot_share_an_output;
+    a killed process of two: test_distributed.)"""
     proc = _subprocess(_args(tiny, tmp_path), QLORA_MINI_KILL_DURING_SAVE="4")
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
@@ -90,6 +77,9 @@ def test_kill_during_save_leaves_no_broken_checkpoint(tiny, reference, tmp_path)
     T.main(_args(tiny, tmp_path, "--resume"))
     assert not list(tmp_path.glob(".tmp-*"))
     assert _same(_adapter(tmp_path / "adapter"), _adapter(reference[0] / "adapter"))
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(l) for l in (reference[0] / "log.jsonl").read_text().splitlines()]
+    assert log == ref_log
 
 
 def _cli_error(args, capsys) -> str:

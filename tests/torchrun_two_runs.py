@@ -1,0 +1,20 @@
+"""Two runs in one torchrun launch, for tests/test_distributed.py: chapter 11's demo (saved by
+process 0), then the training command's main() with the remaining arguments. Starting the two
+processes costs ~20 s of CPU on 2 cores (torch, transformers, bitsandbytes): paid once, not twice.
+
+    torchrun --standalone --nproc_per_node 2 tests/torchrun_two_runs.py STEPS DEMO.pt TRAIN-ARGS...
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from qlora_mini import distributed as D   # under torchrun, qlora_mini registers FSDP2 with train
+from qlora_mini import train as T
+
+steps, demo_out, *train_argv = sys.argv[1:]
+result = D.demo_run(int(steps))
+if dist.get_rank() == 0:
+    torch.save(result, demo_out)
+T.main(train_argv)
+dist.destroy_process_group()
