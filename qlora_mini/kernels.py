@@ -205,6 +205,9 @@ def build_cpu_library(extra_cflags=()) -> ctypes.CDLL:
     lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
     lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
     lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
+    lib.qlora_mini_quantize_4bit_cpu.restype = ctypes.c_char_p
+    lib.qlora_mini_quantize_4bit_cpu.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                 *[ctypes.c_void_p] * 4, ctypes.c_int]
     return lib
 
 
@@ -251,6 +254,30 @@ def _cpu_backend(packed, state, dtype, out=None, lib=None) -> torch.Tensor:
     if err:
         raise RuntimeError(err.decode())
     return out
+
+
+def quantize_blocks_cpu(x: torch.Tensor, blocksize: int, code: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of chapter 3's quantize_4bit in one compiled pass (for chapter 5's loader):
+    x (n,) float32 CPU → (packed (ceil(n/2),) uint8, absmax (ceil(n/blocksize),) float32), the same
+    bytes as storage.blockwise_absmax + round_to_code + pack_nibbles (tests/test_kernels.py)."""
+    if _build_cpu() is None:
+        raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
+    if x.dtype != torch.float32 or x.dim() != 1 or x.is_cuda:
+        raise TypeError(f"x must be a 1-D float32 CPU tensor, got {x.dtype} {tuple(x.shape)} {x.device}")
+    x = x.contiguous()
+    order = torch.argsort(code, stable=True)                     # (16,) sorted position → index
+    levels = code[order].float()
+    cuts = ((levels[:-1] + levels[1:]) / 2).contiguous()          # (15,) float32, as round_to_code
+    order8 = order.to(torch.uint8)
+    packed = torch.empty((x.numel() + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-x.numel() // blocksize), dtype=torch.float32)
+    err = _cpu_lib.qlora_mini_quantize_4bit_cpu(
+        x.data_ptr(), x.numel(), blocksize.bit_length() - 1, cuts.data_ptr(), order8.data_ptr(),
+        packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads())
+    if err:
+        raise RuntimeError(err.decode())
+    return packed, absmax
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,28 +9,27 @@ import torch
 import torch.nn as nn
 
 from qlora_mini.codebooks import get_code
+from qlora_mini.kernels import cpu_available, quantize_blocks_cpu
 from qlora_mini.linear4bit import STATE_FIELDS, Linear4bit, linear_layer_names, replace_module
+from qlora_mini.quantization import round_to_code
 from qlora_mini.storage import QuantState4bit, blockwise_absmax, double_quantize, pack_nibbles
 
 
 def quantize_4bit_chunked(W, blocksize=64, quant_type="nf4", double_quant=True,
                           chunk=1 << 20) -> tuple[torch.Tensor, QuantState4bit]:
-    """Chapter 3's quantize_4bit, the same bytes, ``chunk`` values (whole blocks) at a time."""
+    """Chapter 3's quantize_4bit, the same bytes, ``chunk`` values (whole blocks) at a time; on a
+    CPU each chunk goes through chapter 4's compiled twin in one pass when it is built."""
     if chunk % blocksize or chunk % 2:
         raise ValueError(f"chunk must be a multiple of blocksize={blocksize}, got {chunk}")
     code = get_code(quant_type).to(W.device)                           # (16,) float32
-    order = torch.argsort(code, stable=True)                           # FP4's map is unsorted
-    levels = code[order]                                               # (16,) ascending
-    cuts = (levels[:-1] + levels[1:]) / 2                              # (15,) decision boundaries
+    compiled = W.device.type == "cpu" and cpu_available()
+    quantize = quantize_blocks_cpu if compiled else quantize_blocks_torch
     flat, n = W.reshape(-1), W.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=W.device)  # (ceil(n/2),) uint8
     absmax = []
     for s in range(0, n, chunk):
-        scaled, am = blockwise_absmax(flat[s:s + chunk].float(), blocksize)  # (c,), (c/bs,)
-        pos = torch.bucketize(scaled, cuts, out_int32=True)               # (c,) int32
-        idx = order.to(torch.uint8)[pos]                                   # (c,) uint8
-        idx = nn.functional.pad(idx, (0, idx.numel() % 2))                 # ragged end: a 0
-        packed[s // 2:s // 2 + idx.numel() // 2] = pack_nibbles(idx)
+        p, am = quantize(flat[s:s + chunk].float(), blocksize, code)   # (c/2,) uint8, (c/bs,)
+        packed[s // 2:s // 2 + p.numel()] = p
         absmax.append(am)
     absmax = torch.cat(absmax)                                          # (n_blocks,) float32
     state = QuantState4bit(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize,
@@ -38,6 +37,14 @@ def quantize_4bit_chunked(W, blocksize=64, quant_type="nf4", double_quant=True,
     if double_quant:
         state = QuantState4bit(**{**state.__dict__, **double_quantize(absmax)})
     return packed, state
+
+
+def quantize_blocks_torch(x, blocksize, code) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chapter 3's steps on one chunk, on any device: x (c,) float32 → (packed (ceil(c/2),) uint8,
+    absmax (ceil(c/blocksize),) float32); an odd end pads a 0.0, as quantize_4bit does."""
+    scaled, absmax = blockwise_absmax(x, blocksize)                    # (c,), (c/bs,)
+    scaled = nn.functional.pad(scaled, (0, scaled.numel() % 2))        # (even,) float32
+    return pack_nibbles(round_to_code(scaled, code)), absmax
 
 
 def checkpoint_dir(name_or_path) -> Path:

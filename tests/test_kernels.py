@@ -381,3 +381,36 @@ def test_out_buffer_is_checked():
         kernel_checks.dequantize_4bit_host(packed, state, torch.bfloat16, out=torch.empty(4, 64))
     with pytest.raises(TypeError, match="dtype"):
         kernel_checks.dequantize_4bit_host(packed, state, torch.int8)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cpu_quantize_twin_gives_chapter3_bytes_and_bitsandbytes(quant_type):
+    """kernels.quantize_blocks_cpu against chapter 3's PyTorch steps (blockwise_absmax,
+    round_to_code, pack_nibbles): the same packed bytes and absmax for ragged and odd lengths, every
+    bitsandbytes blocksize, zero blocks, tiny and exactly-on-a-cut values, 16-bit inputs; and,
+    whole, the same bytes as bitsandbytes' quantize_4bit."""
+    require_cpu_kernel()
+    from qlora_mini.codebooks import get_code
+    from qlora_mini.quantization import round_to_code
+    from qlora_mini.storage import blockwise_absmax, pack_nibbles
+    code = get_code(quant_type)
+    levels = code.sort().values
+    for i, (n, blocksize) in enumerate([(1, 32), (63, 64), (4096, 64), (1001, 64), (777, 256),
+                                        (5000, 4096), (70_000, 128)]):
+        x = fresh(n, 20 + i)
+        x[: n // 4] *= 1e-30                                     # tiny values, subnormal ratios
+        x[n // 2: n // 2 + blocksize] = 0                        # a zero block (if it fits)
+        x[-3:] = ((levels[:-1] + levels[1:]) / 2)[:3][: min(3, n)] * x.abs().max()  # near cuts
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            xf = x.to(dtype).float()
+            scaled, absmax = blockwise_absmax(xf, blocksize)
+            scaled = torch.nn.functional.pad(scaled, (0, n % 2))
+            want = pack_nibbles(round_to_code(scaled, code)), absmax
+            got = kernels.quantize_blocks_cpu(xf, blocksize, code)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (n, blocksize, dtype)
+    W = fresh((16, 512), 30)
+    bpacked, bstate = F.quantize_4bit(W, blocksize=64, quant_type=quant_type)
+    packed, absmax = kernels.quantize_blocks_cpu(W.reshape(-1), 64, code)
+    assert torch.equal(packed, bpacked.reshape(-1)) and torch.equal(absmax, bstate.absmax)
+    with pytest.raises(TypeError, match="1-D float32 CPU tensor"):
+        kernels.quantize_blocks_cpu(W, 64, code)

@@ -118,3 +118,16 @@ def test_bad_checkpoints(tmp_path, ckpt):
         load_4bit(tmp_path / "one", device="cpu")
     with pytest.raises(ValueError, match="no Linear4bit"):
         save_4bit(AutoModelForCausalLM.from_config(small), tmp_path / "x")
+
+
+def test_chunked_quantizer_both_paths_odd_length(monkeypatch):
+    """The compiled chunk path and the PyTorch one give chapter 3's bytes, an odd length included
+    (its last nibble is the code of the padding 0.0, as quantize_4bit's)."""
+    import qlora_mini.load4bit as L
+    W = torch.randn(7, 333, generator=torch.Generator().manual_seed(3))   # 2331 values: odd
+    a, sa = quantize_4bit(W, 64, "nf4", True)
+    compiled = quantize_4bit_chunked(W, 64, "nf4", True, chunk=1024)
+    monkeypatch.setattr(L, "cpu_available", lambda: False)
+    torch_path = quantize_4bit_chunked(W, 64, "nf4", True, chunk=1024)
+    for b, sb in (compiled, torch_path):
+        assert torch.equal(a, b) and torch.equal(sa.absmax, sb.absmax)

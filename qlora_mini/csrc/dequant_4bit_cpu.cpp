@@ -13,6 +13,7 @@
 // Built just in time by qlora_mini.kernels (torch.utils.cpp_extension.load, g++ -O3
 // -march=native -ffp-contract=off -fopenmp); it includes no torch header and is called through
 // ctypes with the plain-C QmDequantArgs of dequant_4bit.h.
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -169,6 +170,58 @@ extern "C" const char* qlora_mini_dequantize_4bit_cpu(const QmDequantArgs* args,
     if (args->n == 0) return nullptr;
     advise_huge_pages(args->out, args->n * (args->out_dtype == QM_FLOAT32 ? 4 : 2));
     QM_DISPATCH(run, *args, *args, n_threads < 1 ? 1 : n_threads);
+    return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The other direction, for loading (chapter 5's load_4bit): the first half of chapter 3's
+// quantize_4bit, the same bytes as its PyTorch reference. Per block of x (float32): absmax =
+// max |x|; a full block is multiplied by 1/max(absmax, 1e-38), a ragged last block divided by
+// max(absmax, 1e-38) (which is also the absmax stored for it), as bitsandbytes does; clamp to
+// [-1, 1]; the code of a value is order[number of cuts below it] (torch.bucketize: a tie goes to
+// the lower level); two codes per byte, the even element in the high nibble; an odd n pads with
+// the code of 0.0. No temporaries: one pass over x.
+namespace {
+
+inline uint8_t qm_nearest(float v, const float* cuts, const uint8_t* order) {
+    int pos = 0;
+    for (int j = 0; j < 15; ++j) pos += cuts[j] < v;          // sorted cuts: a branch-free count
+    return order[pos];
+}
+
+inline float qm_clamp1(float v) { return v > 1.0f ? 1.0f : (v < -1.0f ? -1.0f : v); }
+
+void quant_block(const float* x, int64_t m, bool ragged, const float* cuts, const uint8_t* order,
+                 uint8_t* packed, float* absmax) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < m; ++i) amax = amax < fabsf(x[i]) ? fabsf(x[i]) : amax;
+    const float a = amax < 1e-38f ? 1e-38f : amax;             // clamp(min=1e-38) in float32
+    const float inv = 1.0f / a;
+    *absmax = ragged ? a : amax;
+    for (int64_t i = 0; i < m; i += 2) {                       // a block starts at an even index
+        const float v0 = qm_clamp1(ragged ? x[i] / a : x[i] * inv);
+        const float v1 = i + 1 < m ? qm_clamp1(ragged ? x[i + 1] / a : x[i + 1] * inv) : 0.0f;
+        packed[i / 2] = static_cast<uint8_t>(qm_nearest(v0, cuts, order) << 4 |
+                                             qm_nearest(v1, cuts, order));
+    }
+}
+
+}  // namespace
+
+// Quantize n float32 values with up to n_threads OpenMP threads (runs of whole blocks); writes
+// packed (ceil(n/2),) and absmax (ceil(n/blocksize),). Returns NULL, or an error message.
+extern "C" const char* qlora_mini_quantize_4bit_cpu(const float* x, int64_t n, int log2_blocksize,
+                                                    const float* cuts, const uint8_t* order,
+                                                    uint8_t* packed, float* absmax, int n_threads) {
+    if (!x || !cuts || !order || !packed || !absmax) return "qlora_mini_quantize_4bit_cpu: null pointer";
+    if (log2_blocksize < 1 || log2_blocksize > 12) return "qlora_mini_quantize_4bit_cpu: bad blocksize";
+    const int64_t bs = int64_t{1} << log2_blocksize;
+    const int64_t n_blocks = (n + bs - 1) / bs;
+#pragma omp parallel for schedule(static) num_threads(n_threads < 1 ? 1 : n_threads) if (n_blocks > 64)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t first = b * bs, m = n - first < bs ? n - first : bs;
+        quant_block(x + first, m, m < bs, cuts, order, packed + first / 2, absmax + b);
+    }
     return nullptr;
 }
 
