@@ -148,6 +148,7 @@ def test_command_on_two_processes_equals_one_process(cli):
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-6)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], abs=1e-6)  # the gradients
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], abs=1e-5)
     assert _max_diff(_adapter(root / "two"), _adapter(root / "one")) < 1e-5    # fp32 order
     summary = [line for line in runs["two"].stdout.splitlines() if line.startswith("{")]
     assert len(summary) == 1 and json.loads(summary[0])["step"] == 10  # printed by process 0
