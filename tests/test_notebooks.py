@@ -48,6 +48,7 @@ def test_notebook_shape(path, toc):
 def test_notebook_committed_executed(path):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
-    assert all(c.execution_count for c in code), "commit the notebook executed (make notebooks)"
+    run = [c for c in code if "colab-setup" not in c.metadata.get("tags", [])]  # a no-op here
+    assert all(c.execution_count for c in run), "commit the notebook executed (make notebooks)"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"committed outputs contain an error: {errors[0].get('ename')}"
