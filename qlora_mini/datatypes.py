@@ -7,7 +7,6 @@ import torch
 
 from qlora_mini.codebooks import get_code
 from qlora_mini.linear4bit import linear_layer_names
-from qlora_mini.model import token_stream
 from qlora_mini.quantization import dequantize_blockwise, quantize_blockwise
 from qlora_mini.storage import QuantState4bit, double_dequantize, double_quantize
 
@@ -67,11 +66,9 @@ def quantize_linears(model, data_type: str, blocksize: int = 64, skip=("lm_head"
 
 
 @torch.no_grad()
-def window_nll(model, tokenizer, texts, seq_len: int = 128, max_tokens: int = 32768,
-               batch_size: int = 16) -> torch.Tensor:
-    """Mean next-token NLL (nats) of each non-overlapping seq_len window of the texts' token
-    stream (the windows chapter 6's heldout_perplexity averages): (n_windows,) float64."""
-    ids = token_stream(tokenizer, texts)[:max_tokens]
+def window_nll(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16) -> torch.Tensor:
+    """Mean next-token NLL (nats) of each non-overlapping seq_len window of the (n,) token stream
+    ids (chapter 6's heldout_perplexity averages the same windows): (n_windows,) float64."""
     windows = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)  # (n_windows, seq_len)
     device, out = next(model.parameters()).device, []
     for batch in windows.split(batch_size):
@@ -101,8 +98,8 @@ def paired_ratio(nll_a: torch.Tensor, nll_b: torch.Tensor, z: float = 1.96) -> d
 def compare_order(nll: dict, order: list, z: float = 1.96) -> dict:
     """Check a claimed order (worst first, e.g. the paper's Table 2) on paired window NLLs.
     Every pair (a before b) is "agrees" when ppl_a / ppl_b's interval lies above 1, "contradicts"
-    when below, else "unresolved". Verdict: "holds" (all agree), "does not hold" (none agrees),
-    else "holds partly". Returns {"pairs": {(a, b): status}, "verdict": str}."""
+    when below, else "unresolved". Verdict: "holds" (all agree), "does not hold" (no more
+    pairs agree than contradict), else "holds partly". Returns {"pairs": {(a, b): status}, "verdict": str}."""
     pairs = {}
     for i, a in enumerate(order):
         for b in order[i + 1:]:
@@ -110,20 +107,49 @@ def compare_order(nll: dict, order: list, z: float = 1.96) -> dict:
             pairs[(a, b)] = ("agrees" if r["low"] > 1 else "contradicts" if r["high"] < 1
                              else "unresolved")
     n_agree = sum(s == "agrees" for s in pairs.values())
-    verdict = ("holds" if n_agree == len(pairs) else "does not hold" if n_agree == 0
+    n_against = sum(s == "contradicts" for s in pairs.values())
+    verdict = ("holds" if n_agree == len(pairs) else "does not hold" if n_agree <= n_against
                else "holds partly")
     return dict(pairs=pairs, verdict=verdict)
 
 
 @torch.no_grad()
-def weight_mse(model, data_type: str, blocksize: int = 64, skip=("lm_head",)) -> float:
-    """Chapter 1's normalized MSE of the quantized linear weights, all layers pooled:
-    sum((W - W_hat)²) / sum(W²)."""
-    code, double_quant = data_type_code(data_type), DATA_TYPES[data_type][1]
+def linear_mse(model, quantized, skip=("lm_head",)) -> float:
+    """Chapter 1's normalized MSE between two models' linear weights (all but skip), all layers
+    pooled: sum((W - W_hat)²) / sum(W²)."""
     err = total = 0.0
     for name in linear_layer_names(model, "all-linear", skip, types=(torch.nn.Linear,)):
-        W = model.get_submodule(name).weight.float()
-        W_hat = fake_quantize(W, code.to(W.device), blocksize, double_quant)
-        err += (W - W_hat).double().pow(2).sum().item()
-        total += W.double().pow(2).sum().item()
+        W = model.get_submodule(name).weight.double()
+        W_hat = quantized.get_submodule(name).weight.double()
+        err += (W - W_hat).pow(2).sum().item()
+        total += W.pow(2).sum().item()
+    return err / total
+
+
+def weight_mse(model, data_type: str, blocksize: int = 64) -> float:
+    """Normalized MSE of model's linear weights after a round trip through data_type."""
+    return linear_mse(model, quantize_linears(model, data_type, blocksize))
+
+
+@torch.no_grad()
+def output_mse(model, quantized, input_ids: torch.Tensor, skip=("lm_head",)) -> float:
+    """Normalized MSE of the linear layers' OUTPUTS on real inputs: each layer's inputs x are
+    recorded in the 16-bit model on input_ids (b, T), then sum ||x W^T - x W_hat^T||² over
+    sum ||x W^T||², all layers pooled. Weight errors count as much as the inputs make them."""
+    names = linear_layer_names(model, "all-linear", skip, types=(torch.nn.Linear,))
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: inputs.__setitem__(n, args[0].detach())) for n in names]
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    err = total = 0.0
+    for n in names:
+        x = inputs[n].double().flatten(0, -2)                              # (b*T, in)
+        y = x @ model.get_submodule(n).weight.double().T                  # (b*T, out)
+        y_hat = x @ quantized.get_submodule(n).weight.double().T
+        err += (y - y_hat).pow(2).sum().item()
+        total += y.pow(2).sum().item()
     return err / total

@@ -2,6 +2,7 @@
 # Chapter 12 — 4-bit data types and perplexity
 import argparse
 import datetime
+from importlib.metadata import version
 import json
 import os
 from pathlib import Path
@@ -13,16 +14,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from qlora_mini.datatypes import DATA_TYPES, quantize_linears, weight_mse, window_nll
+from qlora_mini.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
 from qlora_mini.family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.model import (MODEL_CONFIG, TRAIN_CONFIG, load_model, load_tokenizer,
-                              stdlib_corpus)
+                              stdlib_corpus, token_stream)
 
 
 def provenance() -> dict:
     """The machine, the versions and the date: what a committed result must name."""
-    import bitsandbytes
-    import transformers
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -32,8 +31,7 @@ def provenance() -> dict:
     return dict(machine=dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, platform=platform.platform(),
                              load_average=list(os.getloadavg())),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
-                              transformers=transformers.__version__,
-                              bitsandbytes=bitsandbytes.__version__),
+                              **{p: version(p) for p in ("transformers", "bitsandbytes")}),
                 commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
 
 
@@ -44,14 +42,15 @@ def _write(path: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_model(size: str, seed: int, device: str, root=None):
+def _load_model(size: str, seed: int, device: str, root=None, train=None):
     """(model, tokenizer, info) of a family size (built if needed, timed) or a hub model id."""
     t0 = time.time()
     if size in FAMILY:
-        path = family_model_dir(size, seed, root=root)
+        path = family_model_dir(size, seed, root=root, **(train or {}))
         built = (path / "pretraining.json").stat().st_mtime >= t0          # not from the cache
         info = dict(parameters=family_parameters(size), model_config={**MODEL_CONFIG, **FAMILY[size]},
-                    train_config={**TRAIN_CONFIG, "seed": seed}, model_dir=path.name,
+                    train_config={**TRAIN_CONFIG, **(train or {}), "seed": seed},
+                    model_dir=path.name,
                     pretraining_heldout_ppl=json.loads((path / "pretraining.json").read_text())
                     ["heldout_perplexity"])
     else:
@@ -61,31 +60,42 @@ def _load_model(size: str, seed: int, device: str, root=None):
     return model, load_tokenizer(path), info
 
 
+EVAL_TOKENS = 32768  # held-out tokens scored: 256 windows of 128, as chapter 6's perplexity
+
+
 def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="results/datatypes",
-                  device: str = "cpu", root=None, progress: bool = True) -> dict:
+                  device: str = "cpu", root=None, progress: bool = True, texts=None,
+                  train=None) -> dict:
     """Chapter 12's sweep for one model: held-out window NLLs of the 16-bit baseline and of every
     data type x blocksize, plus the weights' normalized MSE. Resumable: the JSON file is rewritten
     after each entry and finished entries are skipped on a rerun."""
-    out = Path(out_dir) / f"{size.replace('/', '--')}-seed{seed}.json"
+    steps = (train or {}).get("steps", TRAIN_CONFIG["steps"]) if size in FAMILY else None
+    name = size.replace("/", "--") + (f"-{steps}steps" if steps else "")
+    out = Path(out_dir) / f"{name}-seed{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else dict(size=size, seed=seed, entries={})
-    model, tokenizer, info = _load_model(size, seed, device, root)
+    model, tokenizer, info = _load_model(size, seed, device, root, train)
     if result.get("pretrain_s") is not None:                               # from an earlier run
         info["pretrain_s"] = result["pretrain_s"]
     t0 = time.time()
-    texts = stdlib_corpus(TRAIN_CONFIG["heldout_every"])[1]
-    result.update(info, provenance(), eval=dict(seq_len=TRAIN_CONFIG["seq_len"], max_tokens=32768,
-                                                compute_dtype="float32", device=device))
+    texts = stdlib_corpus(TRAIN_CONFIG["heldout_every"])[1] if texts is None else texts
+    ids = token_stream(tokenizer, texts)[:EVAL_TOKENS]                     # (n,) int64
+    result.update(**info, **provenance(), eval=dict(seq_len=TRAIN_CONFIG["seq_len"],
+                                                    max_tokens=EVAL_TOKENS, compute_dtype="float32",
+                                                    device=device))
     todo = [("16-bit", None)] + [(d, b) for d in DATA_TYPES for b in blocksizes]
-    for name, bs in tqdm(todo, desc=f"{size} seed {seed}", disable=not progress):
-        key = name if bs is None else f"{name} | {bs}"
+    keys = [name if bs is None else f"{name} | {bs}" for name, bs in todo]
+    for key, (name, bs) in tqdm(list(zip(keys, todo)), desc=f"{size} seed {seed}",
+                                disable=not progress):
         if key in result["entries"]:
             continue
         q = model if bs is None else quantize_linears(model, name, bs)
-        nll = window_nll(q, tokenizer, texts, TRAIN_CONFIG["seq_len"])        # (n_windows,)
-        result["entries"][key] = dict(data_type=name, blocksize=bs, nll=[round(v, 6) for v in nll.tolist()],
-                                      weight_mse=None if bs is None else weight_mse(model, name, bs))
-        result["wall_s"] = result.get("wall_s", 0.0) + time.time() - t0
+        nll = window_nll(q, ids, TRAIN_CONFIG["seq_len"])                     # (n_windows,)
+        result["entries"][key] = dict(
+            data_type=name, blocksize=bs, nll=[round(v, 6) for v in nll.tolist()],
+            weight_mse=None if bs is None else linear_mse(model, q))
+        result["entries"] = {k: result["entries"][k] for k in keys if k in result["entries"]}
+        result["wall_s"] = result.get("wall_s", 0.0) + time.time() - t0   # sweep, not pretraining
         t0 = time.time()
         _write(out, result)
     return result
@@ -101,12 +111,15 @@ def main(argv=None) -> int:
     parser.add_argument("--blocksizes", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--out", default="results/datatypes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="pretraining steps (default: the recipe's)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    train = {k: v for k, v in dict(steps=args.steps, threads=args.threads).items() if v}
+    torch.set_num_threads(args.threads or TRAIN_CONFIG["threads"])
     for size in args.sizes:
         for seed in args.seeds:
-            r = run_datatypes(size, seed, tuple(args.blocksizes), args.out, args.device)
+            r = run_datatypes(size, seed, tuple(args.blocksizes), args.out, args.device,
+                              train=train)
             print(f"{size} seed {seed}: {len(r['entries'])} entries, {r['wall_s']:.0f} s", flush=True)
     return 0
 

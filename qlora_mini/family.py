@@ -26,12 +26,16 @@ def _check_size(size: str) -> None:
         raise ValueError(f"size must be one of {list(FAMILY)}, got {size!r}")
 
 
-def family_model_dir(size: str, seed: int = 0, root=None, progress: bool = True) -> Path:
+def family_model_dir(size: str, seed: int = 0, root=None, progress: bool = True,
+                     **train) -> Path:
     """The cached directory of one stdlib-llama size, pretrained with chapter 6's recipe
-    (TRAIN_CONFIG, only the seed may change); built on first use. ("h128-l4", 0) is the default
-    model itself: the same recipe hashes to the same directory."""
+    (TRAIN_CONFIG, with the seed and any of its keys given in train changed); built on first
+    use. ("h128-l4", 0) is the default model itself: the same recipe, the same directory."""
     _check_size(size)
-    train = {} if seed == TRAIN_CONFIG["seed"] else dict(seed=seed)
+    unknown = set(train) - set(TRAIN_CONFIG)
+    if unknown:
+        raise ValueError(f"train keys must be among {sorted(TRAIN_CONFIG)}, got {sorted(unknown)}")
+    train = {k: v for k, v in {**train, "seed": seed}.items() if v != TRAIN_CONFIG[k]}
     return default_model_dir(FAMILY[size], train, root=root, progress=progress)
 
 

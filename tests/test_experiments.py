@@ -1,0 +1,53 @@
+"""`python -m qlora_mini.experiments datatypes` on a tiny local model: the JSON it writes
+(entries, provenance), that a rerun resumes instead of recomputing, and the CLI."""
+import json
+
+import pytest
+import torch
+
+from qlora_mini import experiments as E
+from qlora_mini.datatypes import DATA_TYPES, window_nll
+from tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def fewer_tokens(monkeypatch):
+    """Score 8 windows of 128 tokens instead of 256 (the sweep's logic is the same)."""
+    monkeypatch.setattr(E, "EVAL_TOKENS", 1024)
+
+
+def test_sweep_writes_every_entry_with_provenance(tiny_dir, tmp_path, fewer_tokens):
+    result = E.run_datatypes(str(tiny_dir), blocksizes=(64,), out_dir=tmp_path, progress=False)
+    saved = json.loads(next(tmp_path.glob("*-seed0.json")).read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert list(saved["entries"]) == ["16-bit"] + [f"{d} | 64" for d in DATA_TYPES]
+    assert all(len(e["nll"]) == 8 for e in saved["entries"].values())
+    assert saved["entries"]["16-bit"]["weight_mse"] is None
+    assert 0 < saved["entries"]["NF4 | 64"]["weight_mse"] < saved["entries"]["Int4 | 64"]["weight_mse"]
+    assert saved["machine"]["cores"] >= 1 and saved["versions"]["torch"] == torch.__version__
+    assert saved["wall_s"] > 0 and saved["date"][:2] == "20"
+
+
+def test_rerun_resumes(tiny_dir, tmp_path, fewer_tokens, monkeypatch):
+    first = E.run_datatypes(str(tiny_dir), blocksizes=(64,), out_dir=tmp_path, progress=False)
+    path = next(tmp_path.glob("*-seed0.json"))
+    partial = json.loads(path.read_text())
+    del partial["entries"]["FP4 (E3M0) | 64"]            # as if killed before this entry
+    path.write_text(json.dumps(partial))
+    calls = []
+    monkeypatch.setattr(E, "window_nll", lambda *a: calls.append(1) or window_nll(*a))
+    again = E.run_datatypes(str(tiny_dir), blocksizes=(64,), out_dir=tmp_path, progress=False)
+    assert len(calls) == 1
+    assert again["entries"] == first["entries"]            # deterministic, and in the same order
+    assert list(again["entries"]) == list(first["entries"])
+
+
+def test_cli_refuses_unknown_experiment(capsys):
+    with pytest.raises(SystemExit):
+        E.main(["sizes"])
+    assert "invalid choice" in capsys.readouterr().err
