@@ -2,7 +2,7 @@
 
 A reader who opens a chapter from the book's Colab launch button gets the notebook alone, without
 this repository. The cell after the chapter's title therefore installs the package from the
-repository when it runs in Colab (``google.colab`` is importable) and does nothing anywhere else.
+repository when it runs in Colab (whose kernel has imported ``google.colab``) and does nothing anywhere else.
 The book hides it (tag ``remove-cell``). The repository's URL has one home, ``repository.url`` in ``_config.yml``
 (the launch buttons read it too); this script writes it into the cell, so the copies follow it.
 
@@ -23,7 +23,7 @@ TAG = "colab-setup"
 TEMPLATE = '''\
 # Colab only: install qlora_mini from its repository (elsewhere this cell does nothing).
 import importlib.util, subprocess, sys
-if importlib.util.find_spec("google.colab") and not importlib.util.find_spec("qlora_mini"):
+if "google.colab" in sys.modules and importlib.util.find_spec("qlora_mini") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                     "git+{url}@{branch}"], check=True)'''
 
