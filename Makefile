@@ -24,8 +24,10 @@ test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) tests notebooks --nbval-lax \
 		--nbval-sanitize-with tools/nbval_sanitize.cfg
 
+# The unit tests: everything under tests/ but the rendered book in a browser (tests/test_browser.py
+# builds the whole book first), which `make test` runs.
 unit: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) tests --ignore=tests/test_browser.py
 
 export: setup
 	$(PY) tools/export.py
