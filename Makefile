@@ -24,10 +24,12 @@ test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) tests notebooks --nbval-lax \
 		--nbval-sanitize-with tools/nbval_sanitize.cfg
 
-# The unit tests: everything under tests/ but the rendered book in a browser (tests/test_browser.py
-# builds the whole book first), which `make test` runs.
+# The quick loop: everything under tests/ but the rendered book in a browser (it builds the whole
+# book first) and the tests marked `processes` (torchrun launches, SIGKILLed runs: each process
+# imports torch and transformers anew). `make test`, which CI runs, runs them all.
 unit: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) tests --ignore=tests/test_browser.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(XDIST) tests --ignore=tests/test_browser.py \
+		-m "not processes"
 
 export: setup
 	$(PY) tools/export.py

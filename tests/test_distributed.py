@@ -20,6 +20,7 @@ from qlora_mini.memory import llama_config, qlora_memory
 from tiny_model import make_tiny_model, train_args
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.processes  # torchrun launches: `make test`, not `make unit`
 STEPS = 4
 # The training command's runs: 10 steps, a checkpoint every 4, dropout off so that one and two
 # processes compute the same thing (each process draws its own dropout masks), 2 sequences x 1

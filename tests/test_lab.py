@@ -19,6 +19,7 @@ def test_refuses_without_cuda_in_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.processes
 def test_module_command_exits_2():
     r = subprocess.run([sys.executable, "-m", "qlora_mini.lab"], capture_output=True, text=True,
                        timeout=120)

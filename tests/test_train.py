@@ -61,6 +61,7 @@ def test_run_writes_log_plot_checkpoints(reference):
     assert json.loads((ck / "trainer_state.json").read_text())["microbatch"] == 2 * 2
 
 
+@pytest.mark.processes
 def test_kill_during_save_leaves_no_broken_checkpoint(tiny, reference, tmp_path):
     """A real SIGKILL halfway through writing checkpoint-4, the last (after the adapter, before
     the optimizer): the half-written folder never appears under its name; resuming from

@@ -151,6 +151,7 @@ def _popen(args, **env):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.processes
 def test_two_runs_cannot_share_an_output(tiny, reference, tmp_path, capsys):
     out = tmp_path / "run"
     first = _popen(_args(tiny, out), QLORA_MINI_PAUSE_AFTER_SAVE="2")
