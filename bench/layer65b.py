@@ -31,7 +31,7 @@ import torch.nn as nn
 import qlora_mini  # noqa: F401  (silences bitsandbytes' log line)
 from qlora_mini.linear4bit import STATE_FIELDS, Linear4bit, replace_module
 from qlora_mini.lora import LoRALinear
-from qlora_mini.memory import activation_terms, llama_config
+from qlora_mini.memory import activation_terms, llama_config, storage_bytes
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -81,15 +81,6 @@ def build_layer(size: str, r: int, lora_dtype, seed: int = 0):
     return cfg, layer, LlamaRotaryEmbedding(cfg)
 
 
-def tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is not None and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def allocator_timeline(prof) -> list[tuple[int, int]]:
     """(time ns, bytes allocated and not yet freed) after each CPU allocator event."""
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -113,12 +104,12 @@ def measure(size="65B", tokens=512, r=64, lora_dtype=torch.bfloat16, threads=2) 
     cos, sin = rope(x, pos)
     lora = [p for n, p in layer.named_parameters() if "lora_" in n]
     resident = dict(
-        weights_4bit=tensor_bytes(m.packed for m in layer.modules() if isinstance(m, Linear4bit)),
-        constants=tensor_bytes(getattr(m, f) for m in layer.modules() if isinstance(m, Linear4bit)
+        weights_4bit=storage_bytes(m.packed for m in layer.modules() if isinstance(m, Linear4bit)),
+        constants=storage_bytes(getattr(m, f) for m in layer.modules() if isinstance(m, Linear4bit)
                                for f in STATE_FIELDS),
-        lora=tensor_bytes(lora),
-        norms=tensor_bytes([layer.input_layernorm.weight, layer.post_attention_layernorm.weight]),
-        input_and_output_grad=tensor_bytes([x, grad_out]), rope=tensor_bytes([cos, sin]))
+        lora=storage_bytes(lora),
+        norms=storage_bytes([layer.input_layernorm.weight, layer.post_attention_layernorm.weight]),
+        input_and_output_grad=storage_bytes([x, grad_out]), rope=storage_bytes([cos, sin]))
     run = lambda h: layer(h, position_embeddings=(cos, sin))  # noqa: E731
     checkpoint(run, x, use_reentrant=True).backward(grad_out)   # warm-up (and first grads)
     for p in [*lora, x]:
@@ -141,7 +132,7 @@ def measure(size="65B", tokens=512, r=64, lora_dtype=torch.bfloat16, threads=2) 
                    heads=cfg.num_attention_heads),
         resident_bytes=resident, peak_added_bytes=peak,
         after_bytes=timeline[-1][1],
-        lora_grad_bytes=tensor_bytes(p.grad for p in lora),
+        lora_grad_bytes=storage_bytes(p.grad for p in lora),
         forward_s=t1 - t0, backward_s=t2 - t1,
         accounting_layer_terms=layer_terms,
         largest_dequantized_weight_bytes=2 * cfg.hidden_size * cfg.intermediate_size,

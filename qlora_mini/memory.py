@@ -54,6 +54,13 @@ def _storage_key(t):
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (None skipped): a view, or a weight tied
+    to another, counts once, as memory does."""
+    sizes = {_storage_key(t): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(sizes.values())
+
+
 def saved_tensor_bytes(model, **batch) -> dict:
     """Activation memory of one forward pass of ``model(**batch)``: the bytes autograd saves for
     backward (each storage once, the model's weights and buffers excluded). Returns {"total":

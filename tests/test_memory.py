@@ -150,3 +150,10 @@ def test_adam_states_32bit():
     states = [t for st in opt.state.values() for k, t in st.items() if k in ("state1", "state2")]
     assert all(t.dtype == torch.float32 for t in states)
     assert nbytes(states) == qlora_memory(cfg, r=8, step_bytes=0)["Adam m, v"]  # bnb: int steps
+
+
+def test_storage_bytes_counts_each_storage_once():
+    from qlora_mini.memory import storage_bytes
+    a, b = torch.zeros(10, 4), torch.zeros(3, dtype=torch.float64)   # 160 + 24 bytes
+    assert storage_bytes([a, a[2:], a.t(), None, b, b.view(3, 1)]) == 10 * 4 * 4 + 3 * 8
+    assert storage_bytes([]) == 0

@@ -7,21 +7,12 @@ from tiny_model import make_tiny_model
 
 import qlora_mini  # noqa: F401
 from qlora_mini import train as T
-from qlora_mini.memory import COMPONENTS, meta_model, qlora_memory
+from qlora_mini.memory import COMPONENTS, meta_model, qlora_memory, storage_bytes
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-def unique_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is not None and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 @pytest.mark.parametrize("compute,policy", [("bfloat16", "reference"), ("bfloat16", "fp32")])
@@ -35,8 +26,8 @@ def test_accounting_equals_built_model_after_one_step(tiny, compute, policy):
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    built = (unique_bytes([*model.parameters(), *model.buffers()])
-             + unique_bytes(p.grad for p in params) + unique_bytes(states))
+    built = (storage_bytes([*model.parameters(), *model.buffers()])
+             + storage_bytes(p.grad for p in params) + storage_bytes(states))
 
     fp32 = policy == "fp32"
     acc = qlora_memory(model.config, r=cfg.lora_r, model=meta_model(model.config),
