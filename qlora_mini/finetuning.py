@@ -2,6 +2,7 @@
 # Chapter 13 — QLoRA against 16-bit finetuning
 import argparse
 import json
+import math
 from pathlib import Path
 import random
 import sys
@@ -9,6 +10,7 @@ import tempfile
 import time
 
 import numpy as np
+from scipy import stats
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
@@ -164,7 +166,8 @@ def run_sweep(size: str, sweep: str, seeds=(0, 1, 2), out_dir="results/finetunin
     """Every run of a sweep on one model, appended to OUT_DIR/SIZE.json (shared by the sweeps: a
     run they have in common runs once). Resumable: the file is rewritten after each run and
     finished runs are skipped."""
-    out = Path(out_dir) / f"{size.replace('/', '--')}.json"
+    name = Path(size).name if Path(size).is_dir() else size.replace("/", "--")  # a folder, a hub id
+    out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else dict(size=size, runs={})
     model = base_model_dir(size)
@@ -185,6 +188,58 @@ def run_sweep(size: str, sweep: str, seeds=(0, 1, 2), out_dir="results/finetunin
         result["runs"][run_key(variant, placement, r, lr, seed)] = entry
         _write(out, result)
     return result
+
+
+def seed_interval(values, level: float = 0.95) -> dict:
+    """Mean of per-seed values and its Student-t interval (n - 1 degrees of freedom): how far
+    another set of seeds could move the mean. {"mean", "low", "high", "n"}; under 2 values the
+    interval is NaN."""
+    x = np.asarray(values, dtype=float)
+    mean, n = float(x.mean()), len(x)
+    if n < 2:
+        return dict(mean=mean, low=math.nan, high=math.nan, n=n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return dict(mean=mean, low=mean - half, high=mean + half, n=n)
+
+
+def by_config(result: dict, metric: str = "eval_loss") -> dict:
+    """{(variant, placement, r, lr): {seed: metric}} of a sweep file's runs; a diverged run
+    counts as inf (it never beats a finished one)."""
+    table = {}
+    for e in result["runs"].values():
+        value = math.inf if e.get("diverged") else e[metric]
+        table.setdefault((e["variant"], e["placement"], e["r"], e["lr"]), {})[e["seed"]] = value
+    return table
+
+
+def best_lr(result: dict, variant: str, placement: str = "all linear", r: int = 16) -> float:
+    """The learning rate with the lowest mean held-out loss over the seeds (the paper tunes it)."""
+    table = {k[3]: v for k, v in by_config(result).items() if k[:3] == (variant, placement, r)}
+    if not table:
+        raise ValueError(f"no runs of {(variant, placement, r)} in this file")
+    return min(table, key=lambda lr: np.mean(list(table[lr].values())))
+
+
+def paired_gap(result: dict, a: tuple, b: tuple, metric: str = "eval_loss") -> dict:
+    """a - b in `metric`, each (variant, placement, r) at its best learning rate, seed by seed
+    (a seed fixes the data order and the adapters' initialization): seed_interval of the gaps."""
+    table = by_config(result, metric)
+    va, vb = (table[(*k, best_lr(result, *k))] for k in (a, b))
+    seeds = sorted(set(va) & set(vb))
+    return seed_interval([va[s] - vb[s] for s in seeds])
+
+
+def verdict(gap: dict, claim: str) -> str:
+    """The paper's claim about a gap a - b in held-out loss (lower is better): "matches" (a is as
+    good as b) or "better" (a beats b), judged from the interval."""
+    if claim not in ("matches", "better"):
+        raise ValueError(f"claim must be 'matches' or 'better', got {claim!r}")
+    if math.isnan(gap["low"]) or gap["low"] <= 0 <= gap["high"]:
+        return "not distinguishable at this scale"
+    a_better = gap["high"] < 0
+    if claim == "better":
+        return "holds" if a_better else "does not hold"
+    return "holds (a is better)" if a_better else "does not hold"
 
 
 def main(argv=None) -> int:
