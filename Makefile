@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
 
-.PHONY: setup book test unit export check-export notebooks clean
+.PHONY: setup book student test unit export check-export notebooks clean
 
 setup: $(STAMP)
 
@@ -12,6 +12,10 @@ $(STAMP): requirements.txt pyproject.toml tools/setup.sh
 
 book: setup
 	.venv/bin/jupyter-book build . --all
+
+# The student edition: every chapter without its exercise solutions, in _build/student/notebooks
+student: setup
+	$(PY) tools/student.py
 
 # Two pytest-xdist workers of one thread each: on CI's 2 cores that is ~1.5x faster than one
 # process with two threads (most tests are small and import-bound). Every test module and every

@@ -14,8 +14,9 @@ import pytest
 from qlora_mini.elo import (bradley_terry, elo_bootstrap, elo_ratings, elo_tournament,
                             elo_update, expected_score, order_consistency, separability,
                             win_rate_matrix)
-from qlora_mini.elo_checks import (check_bradley_terry, check_elo_update,
-                                   check_win_rate_matrix, random_games)
+from qlora_mini.elo_checks import (check_bradley_terry, check_elo_update, check_spread,
+                                   check_win_rate_matrix, random_games, spread)
+from qlora_mini.exercises import ExerciseFailed
 from qlora_mini.elo_data import (DATA, MODELS, load_paper_verdicts, load_relative_scores,
                                  percent_of_chatgpt)
 
@@ -226,13 +227,20 @@ def test_percent_of_chatgpt_reproduces_the_paper():
 
 
 def test_checks_pass_the_reference_and_fail_a_wrong_answer(capsys):
-    assert check_elo_update(elo_update, seed=0)
-    assert not check_elo_update(lambda ra, rb, s, k: (ra + k * s, rb - k * s), seed=0)
-    assert "case 0" in capsys.readouterr().out
-    assert check_win_rate_matrix(win_rate_matrix, n=5, seed=0)
-    assert not check_win_rate_matrix(lambda g: win_rate_matrix(g).T, n=5, seed=0)
-    assert check_bradley_terry(mm_bradley_terry, n=3, seed=0)
-    assert not check_bradley_terry(lambda g: bradley_terry(g) * 1.01, n=3, seed=0)
+    check_elo_update(elo_update, seed=0)
+    with pytest.raises(ExerciseFailed, match="case 0"):
+        check_elo_update(lambda ra, rb, s, k: (ra + k * s, rb - k * s), seed=0)
+    assert "ex-09-1: FAIL" in capsys.readouterr().out
+    check_win_rate_matrix(win_rate_matrix, n=5, seed=0)
+    with pytest.raises(ExerciseFailed):
+        check_win_rate_matrix(lambda g: win_rate_matrix(g).T, n=5, seed=0)
+    check_bradley_terry(mm_bradley_terry, n=3, seed=0)
+    with pytest.raises(ExerciseFailed):
+        check_bradley_terry(lambda g: bradley_terry(g) * 1.01, n=3, seed=0)
+    check_spread(lambda g, k: spread(g, k), n=2, seed=0)
+    with pytest.raises(ExerciseFailed):   # the width of one model, not the mean over models
+        check_spread(lambda g, k: float((lambda r: (r["p97.5"] - r["p2.5"]).iloc[0])(
+            elo_tournament(g, k=k, orderings=1_000, seed=0))), n=2, seed=0)
 
 
 def test_generation_command_writes_the_reference_layout(tmp_path):
