@@ -86,6 +86,10 @@ def close_arrays(atol: float = 0.0, rtol: float = 0.0):
 
 
 CHECKS = {  # label -> "module:function"; each function takes the student's answer (and options)
+    "ex-01-1": "qlora_mini.quantization_checks:check_zero_fraction",
+    "ex-01-2": "qlora_mini.quantization_checks:check_absmax_bits",
+    "ex-01-3": "qlora_mini.quantization_checks:check_lloyd_max",
+    "ex-01-4": "qlora_mini.quantization_checks:check_eq4_normal",
     "ex-09-1": "qlora_mini.elo_checks:check_elo_update",
     "ex-09-2": "qlora_mini.elo_checks:check_win_rate_matrix",
     "ex-09-3": "qlora_mini.elo_checks:check_spread",
