@@ -131,6 +131,9 @@ CHECKS = {  # label -> "module:function"; each function takes the student's answ
     "ex-12-1": "qlora_mini.datatypes_checks:check_cell",
     "ex-12-2": "qlora_mini.datatypes_checks:check_weight_mse",
     "ex-12-3": "qlora_mini.datatypes_checks:check_e1m2",
+    "ex-13-1": "qlora_mini.finetuning_checks:check_interval",
+    "ex-13-2": "qlora_mini.finetuning_checks:check_lora_bytes",
+    "ex-13-3": "qlora_mini.finetuning_checks:check_equal_rank",
 }
 
 

@@ -67,40 +67,6 @@ def build_variant(cfg: TrainConfig, variant: str):
     return model
 
 
-def measured_bytes(model, opt, batch: dict) -> dict:
-    """Resident bytes of a run, activations aside, counted on its tensors (chapter 5's
-    storage_bytes): frozen and trainable weights (buffers with the frozen ones), the gradients
-    of one backward pass of `batch`, and the optimizer's state."""
-    params = list(model.parameters())
-    frozen = [p for p in params if not p.requires_grad] + list(model.buffers())
-    model(**batch).loss.backward()
-    grads = storage_bytes(p.grad for p in params if p.requires_grad)
-    opt.zero_grad(set_to_none=True)
-    return {"frozen weights": storage_bytes(frozen),
-            "trainable weights": storage_bytes(p for p in params if p.requires_grad),
-            "gradients": grads,
-            "optimizer state": storage_bytes(t for s in opt.state.values() for t in s.values()
-                                             if torch.is_tensor(t))}
-
-
-def accounted_bytes(config, variant: str, r: int) -> dict:
-    """The same four numbers from chapter 5's accounting (qlora_memory, fp32 compute, adapters on
-    every linear layer; Int4 stores like FP4, without DQ), from the model's config alone."""
-    model = meta_model(config)
-    pc = count_parameters(model)
-    q = qlora_memory(config, r=r, double_quant=variant == "QLoRA NF4+DQ",
-                     compute_dtype=torch.float32, model=model)
-    if variant == "full":      # fp32 weights and gradients, Adam m and v, a step per tensor
-        n_tensors = len(list(model.parameters()))
-        return {"frozen weights": q["embeddings, head, norms"] - 4 * pc.other,  # the buffers
-                "trainable weights": 4 * pc.total, "gradients": 4 * pc.total,
-                "optimizer state": 8 * pc.total + 4 * n_tensors}
-    base = 4 * pc.linear if variant == "LoRA" else q["4-bit weights"] + q["quantization constants"]
-    return {"frozen weights": base + q["embeddings, head, norms"],
-            "trainable weights": q["LoRA weights"], "gradients": q["LoRA gradients"],
-            "optimizer state": q["Adam m, v"]}
-
-
 def _tokenized(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     train, held = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
     tok = lambda r: tokenize_example(tokenizer, r, cfg.source_max_len, cfg.target_max_len,
@@ -134,6 +100,40 @@ def finetune(cfg: TrainConfig, variant: str, mcq_folder=None, progress: bool = F
     result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["wall_s"] = time.time() - t0
     return result
+
+
+def measured_bytes(model, opt, batch: dict) -> dict:
+    """Resident bytes of a run, activations aside, counted on its tensors (chapter 5's
+    storage_bytes): frozen and trainable weights (buffers with the frozen ones), the gradients
+    of one backward pass of `batch`, and the optimizer's state."""
+    params = list(model.parameters())
+    frozen = [p for p in params if not p.requires_grad] + list(model.buffers())
+    model(**batch).loss.backward()
+    grads = storage_bytes(p.grad for p in params if p.requires_grad)
+    opt.zero_grad(set_to_none=True)
+    return {"frozen weights": storage_bytes(frozen),
+            "trainable weights": storage_bytes(p for p in params if p.requires_grad),
+            "gradients": grads,
+            "optimizer state": storage_bytes(t for s in opt.state.values() for t in s.values()
+                                             if torch.is_tensor(t))}
+
+
+def accounted_bytes(config, variant: str, r: int) -> dict:
+    """The same four numbers from chapter 5's accounting (qlora_memory, fp32 compute, adapters on
+    every linear layer; Int4 stores like FP4, without DQ), from the model's config alone."""
+    model = meta_model(config)
+    pc = count_parameters(model)
+    q = qlora_memory(config, r=r, double_quant=variant == "QLoRA NF4+DQ",
+                     compute_dtype=torch.float32, model=model)
+    if variant == "full":      # fp32 weights and gradients, Adam m and v, a step per tensor
+        n_tensors = len(list(model.parameters()))
+        return {"frozen weights": q["embeddings, head, norms"] - 4 * pc.other,  # the buffers
+                "trainable weights": 4 * pc.total, "gradients": 4 * pc.total,
+                "optimizer state": 8 * pc.total + 4 * n_tensors}
+    base = 4 * pc.linear if variant == "LoRA" else q["4-bit weights"] + q["quantization constants"]
+    return {"frozen weights": base + q["embeddings, head, norms"],
+            "trainable weights": q["LoRA weights"], "gradients": q["LoRA gradients"],
+            "optimizer state": q["Adam m, v"]}
 
 
 SWEEPS = {  # name -> [(variant, placement, r)]; each runs at every learning rate and seed
