@@ -11,16 +11,16 @@ import torch
 
 from qlora_mini.data import IGNORE_INDEX, stdlib_qa, tokenize_example
 from qlora_mini.exercises import compare
-from qlora_mini.model import load_tokenizer
+from qlora_mini.model import train_tokenizer
 
 
 def check_tokenize(student_fn, n: int = 30, seed=None, tokenizer=None) -> None:
     """ex-08-1: student_fn(tokenizer, example, source_max_len, target_max_len, train_on_source)
     -> {"input_ids", "labels"}, against tokenize_example on random stdlib Q&A records and lengths
-    (the default model's tokenizer unless one is given)."""
+    (with a small BPE tokenizer trained on the Q&A text in a second, unless one is given)."""
     rng = np.random.default_rng(seed)
-    tokenizer = tokenizer or load_tokenizer()
     qa = stdlib_qa()
+    tokenizer = tokenizer or train_tokenizer([r["text"] for r in qa], vocab_size=512)
     cases = [(tokenizer, {"input": qa[k]["question"], "output": qa[k]["answer"]},
               int(rng.integers(1, 40)), int(rng.integers(1, 80)), bool(rng.random() < 0.5))
              for k in rng.integers(0, len(qa), n)]
