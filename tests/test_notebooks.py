@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))     # the chapters
+APPENDICES = sorted((ROOT / "notebooks").glob("A[0-9]_*.ipynb"))
 CLOSING = ["## Summary", "## What we added to qlora_mini", "## Exercises", "## Going further"]
 
 
@@ -44,7 +45,7 @@ def test_notebook_shape(path, toc):
     assert path.relative_to(ROOT).with_suffix("").as_posix() in toc, "not listed in _toc.yml"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS + APPENDICES, ids=lambda p: p.name)
 def test_notebook_committed_executed(path):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
@@ -62,6 +63,14 @@ LONG_CELLS_LEFT = 20
 
 def test_code_cells_are_short():
     long = [f"{p.name}: {len(c.source.splitlines())} lines, {c.source.splitlines()[0][:50]!r}"
-            for p in NOTEBOOKS for c in nbformat.read(p, as_version=4).cells
+            for p in NOTEBOOKS + APPENDICES for c in nbformat.read(p, as_version=4).cells
             if c.cell_type == "code" and len(c.source.splitlines()) > MAX_CELL_LINES]
     assert len(long) <= LONG_CELLS_LEFT, "code cells over 30 lines:\n" + "\n".join(long)
+
+
+def test_appendices_are_in_the_book(toc):
+    assert APPENDICES, "no appendix notebooks found"
+    for path in APPENDICES:
+        nb = nbformat.read(path, as_version=4)
+        assert nb.cells[0].source.startswith("# Appendix")
+        assert path.relative_to(ROOT).with_suffix("").as_posix() in toc, "not listed in _toc.yml"

@@ -79,7 +79,7 @@ def write_student_edition(out: Path) -> dict:
         shutil.rmtree(out)
     (out / "notebooks").mkdir(parents=True)
     report = {}
-    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):      # the chapters and appendices
         nb, n = strip_solutions(nbformat.read(path, as_version=4))
         clear_exercise_outputs(nb)
         nbformat.write(nb, out / "notebooks" / path.name)
