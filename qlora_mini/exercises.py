@@ -51,27 +51,13 @@ def compare(label: str, student_fn, reference_fn, cases, close) -> None:
     print(f"{label}: pass ({len(cases)} cases)")
 
 
-def compare_value(label: str, got, want, rtol: float = 1e-6, atol: float = 0.0) -> None:
-    """A student's number (or array of numbers) against the reference, within rtol/atol."""
-    try:
-        ok = got is not None and np.allclose(np.asarray(got, float), np.asarray(want, float),
-                                             rtol=rtol, atol=atol)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        _fail(label, f"  expected {_short(want)} (rtol {rtol:g}, atol {atol:g})\n"
-                     f"  got      {_short(got)}")
-    print(f"{label}: pass")
-
-
 def _short(x, limit: int = 300) -> str:
     """A one-line repr, cut at `limit` characters; a transformers config as its non-default keys."""
     if isinstance(x, tuple):
         return "(" + ", ".join(_short(a, limit) for a in x) + ")"
     if hasattr(x, "to_diff_dict"):
         keys = {k: v for k, v in x.to_diff_dict().items() if k != "transformers_version"}
-        x = f"{type(x).__name__}({', '.join(f'{k}={v!r}' for k, v in keys.items())})"
-        text = x
+        text = f"{type(x).__name__}({', '.join(f'{k}={v!r}' for k, v in keys.items())})"
     else:
         text = repr(x)
     return text if len(text) <= limit else text[:limit] + " ..."
