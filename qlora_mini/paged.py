@@ -123,23 +123,27 @@ class PagedAdamW(torch.optim.Optimizer):
                           "states are ordinary tensors (no unified memory, no paging); the "
                           "update is AdamW's all the same.", UserWarning, stacklevel=2)
 
-    def _zeros(self, p: torch.Tensor) -> torch.Tensor:
-        """A float32 state buffer like p: managed memory on CUDA, counted in paged_bytes."""
-        if not self.unified:
-            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        nbytes = 4 * p.numel()
-        if self.max_paged_bytes is not None and self.paged_bytes + nbytes > self.max_paged_bytes:
-            raise MemoryError(f"PagedAdamW: {self.paged_bytes + nbytes} bytes of managed memory "
-                              f"would exceed max_paged_bytes={self.max_paged_bytes}")
-        self.paged_bytes += nbytes
-        return paged_zeros(p.shape, p.device)
 
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"], state["exp_avg_sq"] = self._zeros(p), self._zeros(p)
-        return state
+@add_to_class(PagedAdamW)
+def _zeros(self, p: torch.Tensor) -> torch.Tensor:
+    """A float32 state buffer like p: managed memory on CUDA, counted in paged_bytes."""
+    if not self.unified:
+        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+    nbytes = 4 * p.numel()
+    if self.max_paged_bytes is not None and self.paged_bytes + nbytes > self.max_paged_bytes:
+        raise MemoryError(f"PagedAdamW: {self.paged_bytes + nbytes} bytes of managed memory "
+                          f"would exceed max_paged_bytes={self.max_paged_bytes}")
+    self.paged_bytes += nbytes
+    return paged_zeros(p.shape, p.device)
+
+
+@add_to_class(PagedAdamW)
+def _state(self, p: torch.Tensor) -> dict:
+    state = self.state[p]
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"], state["exp_avg_sq"] = self._zeros(p), self._zeros(p)
+    return state
 
 
 @add_to_class(PagedAdamW)
