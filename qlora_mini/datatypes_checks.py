@@ -2,8 +2,6 @@
 # Chapter 12 — 4-bit data types and perplexity
 """Checks for chapter 12's exercises: a student's function against the package's reference on
 fresh random inputs (qlora_mini.exercises runs them)."""
-import math
-
 import numpy as np
 import torch
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from qlora_mini.config import TrainConfig, load_config
-from qlora_mini.data import collate, load_splits, pad_token_id, tokenize_example
+from qlora_mini.data import collate, pad_token_id
 from qlora_mini.datatypes import quantize_linears
 from qlora_mini.evaluate import eval_loss, make_stdlib_mcq, mcq_accuracy
 from qlora_mini.experiments import _write, provenance
@@ -26,7 +26,7 @@ from qlora_mini.lora import add_lora, enable_gradient_checkpointing
 from qlora_mini.memory import count_parameters, meta_model, qlora_memory, storage_bytes
 from qlora_mini.model import load_model, load_tokenizer
 from qlora_mini.recipe import build_model, lr_factor, make_optimizer
-from qlora_mini.train import Run, TrainingDiverged, train_step
+from qlora_mini.train import Run, TrainingDiverged, tokenized_splits, train_step
 
 
 VARIANTS = {  # name -> the TrainConfig keys it sets; "full" and "Int4" are built below
@@ -67,20 +67,13 @@ def build_variant(cfg: TrainConfig, variant: str):
     return model
 
 
-def _tokenized(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
-    train, held = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
-    tok = lambda r: tokenize_example(tokenizer, r, cfg.source_max_len, cfg.target_max_len,
-                                     cfg.train_on_source)
-    return [tok(r) for r in train], [tok(r) for r in held][:cfg.max_eval_samples or None]
-
-
 def finetune(cfg: TrainConfig, variant: str, mcq_folder=None, progress: bool = False) -> dict:
     """Train one variant for cfg.max_steps with chapter 8's train_step (no checkpoints, nothing
     written), then score it: held-out loss, multiple-choice accuracy, resident bytes."""
     t0 = time.time()
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex = _tokenized(cfg, tokenizer)
+    train_ex, eval_ex = tokenized_splits(cfg, tokenizer)
     model = build_variant(cfg, variant)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))

@@ -6,21 +6,7 @@ import numpy as np
 from transformers import LlamaConfig
 
 from qlora_mini.exercises import close_arrays, compare
-
-
-def longest(total_fn, limit: float) -> int:
-    """The most tokens t >= 1 with total_fn(t) <= limit, for total_fn growing with t (0 when even
-    one token is over), by doubling and bisection."""
-    if total_fn(1) > limit:
-        return 0
-    hi = 2
-    while total_fn(hi) <= limit:
-        hi *= 2
-    lo = hi // 2                                      # total_fn(lo) <= limit < total_fn(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total_fn(mid) <= limit else (lo, mid)
-    return lo
+from qlora_mini.linear4bit_checks import longest   # chapter 5's bisection
 
 
 def check_longest(student_fn, n: int = 30, seed=None) -> None:

@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers import GPT2Config, LlamaConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises import compare
 import qlora_mini.linear4bit as linear4bit   # as modules: chapter 5's notebook defines these names
 import qlora_mini.memory as memory
 
@@ -56,18 +56,27 @@ def check_saving_matmul(student_fn, n: int = 6, seed=None) -> None:
     compare("ex-05-2", lambda layer, x: _run(student_fn, layer, x), reference, cases, close)
 
 
+def longest(total_fn, limit: float) -> int:
+    """The most tokens t >= 1 with total_fn(t) <= limit, for total_fn growing with t (0 when even
+    one token is over), by doubling and bisection."""
+    if total_fn(1) > limit:
+        return 0
+    hi = 2
+    while total_fn(hi) <= limit:
+        hi *= 2
+    lo = hi // 2                                      # total_fn(lo) <= limit < total_fn(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total_fn(mid) <= limit else (lo, mid)
+    return lo
+
+
 def crossing(config, gradient_checkpointing: bool) -> int:
     """The fewest tokens (batch 1) at which activation_bytes exceeds the 4-bit codes of config's
-    linear layers (qlora_memory's "4-bit weights"), by bisection: activations grow with tokens."""
+    linear layers (qlora_memory's "4-bit weights"): one more than the most that stay within."""
     weights = memory.qlora_memory(config)["4-bit weights"]
-    acts = lambda t: memory.activation_bytes(config, 1, t, gradient_checkpointing)
-    lo, hi = 1, 1
-    while acts(hi) <= weights:
-        hi *= 2
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if acts(mid) <= weights else (lo, mid)
-    return lo
+    return longest(lambda t: memory.activation_bytes(config, 1, t, gradient_checkpointing),
+                   weights) + 1
 
 
 def check_crossing(student_fn, seed=None) -> None:

@@ -8,17 +8,9 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises import compare
+from qlora_mini.lora_checks import random_llama_config   # chapter 6's random configurations
 from qlora_mini.memory import activation_terms, saved_tensor_bytes
-
-
-def _tiny_llama(rng) -> LlamaForCausalLM:
-    heads = int(rng.choice([2, 4]))
-    config = LlamaConfig(vocab_size=int(rng.integers(50, 400)), hidden_size=16 * heads,
-                         intermediate_size=int(rng.integers(16, 96)), num_attention_heads=heads,
-                         num_key_value_heads=heads, num_hidden_layers=int(rng.integers(1, 3)))
-    torch.manual_seed(int(rng.integers(1 << 30)))
-    return LlamaForCausalLM(config).train()
 
 
 def activation_bytes_measured(model, batch_size: int, seq_len: int) -> int:
@@ -30,7 +22,8 @@ def activation_bytes_measured(model, batch_size: int, seq_len: int) -> int:
 def check_activation_bytes(student_fn, n: int = 4, seed=None) -> None:
     """ex-07-1: student_fn(model, batch_size, seq_len) -> activation_bytes_measured(...)."""
     rng = np.random.default_rng(seed)
-    cases = [(_tiny_llama(rng), int(rng.integers(1, 5)), int(rng.integers(4, 64)))
+    cases = [(LlamaForCausalLM(random_llama_config(rng)).train(), int(rng.integers(1, 5)),
+              int(rng.integers(4, 64)))
              for _ in range(n)]
     compare("ex-07-1", student_fn, activation_bytes_measured, cases,
             lambda got, want: got == want)

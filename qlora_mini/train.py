@@ -84,7 +84,7 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm stopped being finite."""
 
 
-def _examples(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
+def tokenized_splits(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
     """The tokenized training and held-out examples of cfg.data."""
     train_recs, eval_recs = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
     if not train_recs:
@@ -104,7 +104,7 @@ def setup_run(cfg: TrainConfig, resume: bool = False, force: bool = False,
     found = resume_point(cfg, force, par.world) if resume else None
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex = _examples(cfg, tokenizer)
+    train_ex, eval_ex = tokenized_splits(cfg, tokenizer)
     model = build_model(cfg)
     problems = length_problems(cfg, getattr(model.config, "max_position_embeddings", None))
     if problems:

@@ -9,7 +9,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 import torch
 
-from qlora_mini.data import IGNORE_INDEX, stdlib_qa, tokenize_example
+from qlora_mini.data import stdlib_qa, tokenize_example
 from qlora_mini.exercises import compare
 from qlora_mini.model import train_tokenizer
 
