@@ -100,44 +100,54 @@ class Linear4bit(nn.Module):
         if self.packed.device.type != "meta":
             self.reset_parameters()
 
-    def reset_parameters(self):
-        """Initialize like nn.Linear (Kaiming-uniform weight, uniform bias), then quantize."""
-        ref = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.packed.device)
-        self.set_weight(ref.weight.detach().to(self.weight_dtype))
-        if self.bias is not None:
-            self.bias.data.copy_(ref.bias.detach())
 
-    @torch.no_grad()
-    def set_weight(self, W):
-        """Quantize W (out_features, in_features) into this layer's buffers."""
-        if tuple(W.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"W must have shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
-        packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type,
-                                      self.double_quant)       # (numel/2,) uint8
-        self.packed = nn.Parameter(_as_storage(packed, self.quant_storage), requires_grad=False)
-        for name in STATE_FIELDS:
-            setattr(self, name, getattr(state, name))
-        self.weight_dtype = W.dtype
+@add_to_class(Linear4bit)
+@torch.no_grad()
+def set_weight(self, W):
+    """Quantize W (out_features, in_features) into this layer's buffers."""
+    if tuple(W.shape) != (self.out_features, self.in_features):
+        raise ValueError(f"W must have shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
+    packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type,
+                                  self.double_quant)           # (numel/2,) uint8
+    self.packed = nn.Parameter(_as_storage(packed, self.quant_storage), requires_grad=False)
+    for name in STATE_FIELDS:
+        setattr(self, name, getattr(state, name))
+    self.weight_dtype = W.dtype
 
-    @property
-    def packed_bytes(self) -> torch.Tensor:
-        """The packed codes as (numel/2,) uint8, whatever quant_storage holds them."""
-        n = ceil_div(self.in_features * self.out_features, 2)
-        return self.packed.reshape(-1).view(torch.uint8)[:n]
 
-    @property
-    def state(self) -> QuantState4bit:
-        """The QuantState4bit of the weight; its tensors are this layer's buffers."""
-        return QuantState4bit(**{f: getattr(self, f) for f in STATE_FIELDS},
-                              shape=torch.Size((self.out_features, self.in_features)),
-                              dtype=self.weight_dtype, blocksize=self.blocksize,
-                              quant_type=self.quant_type)
+@add_to_class(Linear4bit)
+def reset_parameters(self):
+    """Initialize like nn.Linear (Kaiming-uniform weight, uniform bias), then quantize."""
+    ref = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                    device=self.packed.device)
+    self.set_weight(ref.weight.detach().to(self.weight_dtype))
+    if self.bias is not None:
+        self.bias.data.copy_(ref.bias.detach())
 
-    def dequantize(self, dtype=None) -> torch.Tensor:
-        """The weight as a (out_features, in_features) tensor in dtype (default: the dtype it was
-        quantized from)."""
-        return dequantize_4bit(self.packed_bytes, self.state, dtype)
+
+@add_to_class(Linear4bit)
+@property
+def packed_bytes(self) -> torch.Tensor:
+    """The packed codes as (numel/2,) uint8, whatever quant_storage holds them."""
+    n = ceil_div(self.in_features * self.out_features, 2)
+    return self.packed.reshape(-1).view(torch.uint8)[:n]
+
+
+@add_to_class(Linear4bit)
+@property
+def state(self) -> QuantState4bit:
+    """The QuantState4bit of the weight; its tensors are this layer's buffers."""
+    return QuantState4bit(**{f: getattr(self, f) for f in STATE_FIELDS},
+                          shape=torch.Size((self.out_features, self.in_features)),
+                          dtype=self.weight_dtype, blocksize=self.blocksize,
+                          quant_type=self.quant_type)
+
+
+@add_to_class(Linear4bit)
+def dequantize(self, dtype=None) -> torch.Tensor:
+    """The weight as a (out_features, in_features) tensor in dtype (default: the dtype it was
+    quantized from)."""
+    return dequantize_4bit(self.packed_bytes, self.state, dtype)
 
 
 @add_to_class(Linear4bit)

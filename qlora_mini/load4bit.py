@@ -145,7 +145,6 @@ def load_4bit(name_or_path, *, quant_type="nf4", double_quant=True, compute_dtyp
     the finished model plus one weight in flight. A checkpoint already in transformers'
     bitsandbytes 4-bit format (save_4bit's, or a ``*-bnb-4bit`` one) loads as stored, with its
     own quant_type and double_quant. Returns the model in eval mode."""
-    from safetensors import safe_open
     from transformers import AutoConfig
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = checkpoint_dir(name_or_path)
@@ -154,29 +153,41 @@ def load_4bit(name_or_path, *, quant_type="nf4", double_quant=True, compute_dtyp
     model = empty_model(config, compute_dtype, quant_type, double_quant, blocksize, skip, pre)
     weights = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     parts, unexpected = {}, []
+    for key, t in _tensors(shards):                    # one tensor on the host at a time
+        name = weights.get(key) or _quantized_owner(key, pre)
+        if name is None:                               # embeddings, norms, head, biases
+            if not assign_tensor(model, key, t, compute_dtype, device):
+                unexpected.append(key)
+        elif name not in pre:                          # a 16-bit (out, in) weight: quantize
+            set_quantized(model.get_submodule(name), *quantize_4bit_chunked(
+                t.to(device), blocksize, quant_type, double_quant))
+        else:                                          # already 4-bit: collect its parts
+            _collect(model, parts, name, key[len(name) + 1:], t, pre[name][1], device)
+        del t                                          # freed before the next one is read
+    return _check_loaded(model, config, folder, unexpected, parts, device)
+
+
+def _tensors(shards):
+    """(key, tensor) for every tensor of the safetensors shards, read one at a time to the CPU."""
+    from safetensors import safe_open
     for shard in shards:
         with safe_open(shard, "pt", device="cpu") as f:
             for key in f.keys():
-                name = weights.get(key) or _quantized_owner(key, pre)
-                if name is None:                           # embeddings, norms, head, biases
-                    if not assign_tensor(model, key, f.get_tensor(key), compute_dtype, device):
-                        unexpected.append(key)
-                elif name not in pre:                      # a 16-bit weight: quantize, free
-                    W = f.get_tensor(key).to(device)       # (out, in) checkpoint dtype
-                    set_quantized(model.get_submodule(name),
-                                  *quantize_4bit_chunked(W, blocksize, quant_type, double_quant))
-                    del W
-                else:                                      # already 4-bit: collect its parts
-                    got = parts.setdefault(name, {})
-                    got[key[len(name) + 1:]] = f.get_tensor(key)
-                    if len(got) == (6 if pre[name][1] else 4):
-                        _set_from_bnb(model.get_submodule(name), parts.pop(name), device)
-    return _check_loaded(model, config, folder, unexpected, parts, device)
+                yield key, f.get_tensor(key)
 
 
 def _quantized_owner(key, pre):
     name = key.partition(".weight.")[0]
     return name if name in pre and key.startswith(name + ".weight.") else None
+
+
+def _collect(model, parts: dict, name, part, t, double_quant, device) -> None:
+    """Keep one part of a 4-bit weight; with all of them (6, or 4 without double quantization)
+    in hand, build its layer."""
+    got = parts.setdefault(name, {})
+    got[part] = t
+    if len(got) == (6 if double_quant else 4):
+        _set_from_bnb(model.get_submodule(name), parts.pop(name), device)
 
 
 def _set_from_bnb(layer, parts: dict, device) -> None:

@@ -31,9 +31,11 @@ def add_to_class(cls: type) -> Callable:
 
         @add_to_class(Linear4bit)
         def _apply(self, fn, recurse=True): ...
+
+    It takes a ``property`` too (stacked under it), named after its getter.
     """
     def register(fn: Callable) -> Callable:
-        setattr(cls, fn.__name__, fn)
+        setattr(cls, fn.fget.__name__ if isinstance(fn, property) else fn.__name__, fn)
         return fn
     return register
 

@@ -24,6 +24,19 @@ def test_add_to_class_adds_a_method():
     assert C().twice(3) == 6 and C.twice is twice
 
 
+def test_add_to_class_adds_a_property():
+    class C:
+        def __init__(self):
+            self.x = 5
+
+    @add_to_class(C)
+    @property
+    def doubled(self):
+        return 2 * self.x
+
+    assert C().doubled == 10 and isinstance(C.__dict__["doubled"], property)
+
+
 @pytest.mark.parametrize("value, expected", [("true", True), ("1", True), ("TRUE", True),
                                              ("", False), ("0", False), ("false", False)])
 def test_in_ci(monkeypatch, value, expected):
