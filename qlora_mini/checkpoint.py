@@ -146,8 +146,7 @@ def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg, par) -> Path
 
     def commit():
         atomic_dir(final, write)
-        for old in checkpoints(out)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
-            shutil.rmtree(old)
+        prune_checkpoints(out, cfg.save_total_limit)
         fault_hook("saved", step)
 
     par.rank0(commit)
@@ -159,6 +158,12 @@ def checkpoints(out: Path) -> list[Path]:
     found = [p for p in Path(out).glob("checkpoint-*")
              if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prune_checkpoints(out: Path, keep: int | None) -> None:
+    """Remove all but the newest `keep` complete checkpoints in `out` (None or 0: keep all)."""
+    for old in checkpoints(out)[:-keep] if keep else []:
+        shutil.rmtree(old)
 
 
 def _sha256(path: Path) -> str:

@@ -16,8 +16,8 @@ CONFIG_DIR = Path(files("qlora_mini").joinpath("configs"))  # the presets (packa
 
 
 @dataclass
-class TrainConfig:
-    """Every knob of a run; the YAML presets in qlora_mini/configs set these keys and no others."""
+class _InputKnobs:
+    """What a run trains on: the model, the data, and how records become token sequences."""
     model: str = DEFAULT_MODEL         # hub id or local directory
     data: str = DEFAULT_DATA           # hub dataset id or local .json/.jsonl/.csv
     output: str = "runs/guanaco"
@@ -29,6 +29,11 @@ class TrainConfig:
     allow_long_sequences: bool = False  # True: source + target may exceed the model's positions
     train_on_source: bool = False      # False: loss on the targets only (prompt labels -100)
     group_by_length: bool = True
+
+
+@dataclass
+class _AdapterKnobs(_InputKnobs):
+    """How the base is stored and which LoRA adapters train on it."""
     quantize: bool = True              # False: plain LoRA on a 16/32-bit base
     quant_type: str = "nf4"
     double_quant: bool = True
@@ -38,6 +43,11 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     target_modules: typing.Union[str, list] = "all-linear"
+
+
+@dataclass
+class TrainConfig(_AdapterKnobs):
+    """Every knob of a run; the YAML presets in qlora_mini/configs set these keys and no others."""
     optim: str = "paged_adamw_32bit"   # paged_adamw_32bit | adamw_torch
     learning_rate: float = 2e-4
     adam_beta1: float = 0.9

@@ -62,6 +62,33 @@ def to_input_output(rec, fmt: str = "auto", where: str = "record") -> dict:
     return {"input": _field(rec, "input", where, fmt), "output": _field(rec, "output", where, fmt)}
 
 
+def _jsonl_records(path: Path, text: str) -> list:
+    """One JSON object a line (blank lines skipped); a malformed line is named by its number."""
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
+    return records
+
+
+def _json_records(path: Path, text: str) -> list:
+    """A JSON list of records."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+_PARSERS = {".jsonl": _jsonl_records, ".json": _json_records,  # suffix -> (path, text) -> records
+           ".csv": lambda path, text: list(csv.DictReader(text.splitlines()))}
+
+
 def read_local(path) -> list:
     """The raw records of a local .json (a list), .jsonl (one object a line) or .csv file."""
     path = Path(path)
@@ -72,26 +99,9 @@ def read_local(path) -> list:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
                          "UTF-8") from None
-    if path.suffix == ".jsonl":
-        records = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
-        return records
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        return data
-    if path.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (use .json, .jsonl, .csv)")
+    if path.suffix not in _PARSERS:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r} (use .json, .jsonl, .csv)")
+    return _PARSERS[path.suffix](path, text)
 
 
 STDLIB_MODULES = ("base64", "bisect", "calendar", "collections", "colorsys", "copy", "csv",

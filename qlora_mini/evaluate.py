@@ -148,10 +148,9 @@ def load_for_eval(model_name: str, adapter=None):
     return (model.cuda() if torch.cuda.is_available() else model).eval()
 
 
-def main(argv=None) -> dict:
-    from qlora_mini.lora import read_adapter
-    from qlora_mini.data import DEFAULT_DATA, load_splits, tokenize_example
-    from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
+def _parser() -> argparse.ArgumentParser:
+    from qlora_mini.data import DEFAULT_DATA
+    from qlora_mini.model import DEFAULT_MODEL
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.evaluate", description=__doc__)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--adapter", help="a PEFT adapter folder, e.g. RUN/adapter")
@@ -160,7 +159,14 @@ def main(argv=None) -> dict:
                     "the test make_stdlib_mcq builds")
     ap.add_argument("--k", type=int, default=5, help="shots for --mcq")
     ap.add_argument("--ask", action="append", default=[], help="a question to answer (repeatable)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    from qlora_mini.lora import read_adapter
+    from qlora_mini.data import load_splits, tokenize_example
+    from qlora_mini.model import load_tokenizer
+    args = _parser().parse_args(argv)
     try:
         _, held = load_splits(args.data)
         if args.mcq == "stdlib":

@@ -233,7 +233,7 @@ def _json_safe(summary: dict) -> dict:
             for k, v in summary.items()}
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.train", description=__doc__)
     ap.add_argument("--config", default="default", help=f"preset ({', '.join(presets())}) or YAML file")
     ap.add_argument("--model", help="hub id or local directory (config key `model`)")
@@ -249,7 +249,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --set lora_r=16 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
     overrides = _parse_set(args.set)
     for key in ("model", "data", "output", "max_steps", "seed"):
         if getattr(args, key) is not None:

@@ -163,3 +163,19 @@ def test_checkpoint_adapter_files_are_save_adapters(tiny, tmp_path):
     save_adapter(model, tmp_path / "lora")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "lora" / name).read_bytes()
+
+
+@pytest.mark.parametrize("keep, left", [(2, [7, 10]), (None, [1, 3, 7, 10]), (0, [1, 3, 7, 10]),
+                                        (9, [1, 3, 7, 10])])
+def test_prune_checkpoints_keeps_the_newest(tmp_path, keep, left):
+    """save_total_limit: numeric order (10 after 7, not after 1), only complete checkpoints count,
+    and a temporary folder and a checkpoint without trainer_state.json are left alone."""
+    from qlora_mini.checkpoint import prune_checkpoints
+    for step in (1, 3, 7, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-2").mkdir()                       # incomplete: no trainer_state.json
+    (tmp_path / ".tmp-checkpoint-12-x").mkdir()
+    prune_checkpoints(tmp_path, keep)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".tmp-checkpoint-12-x", "checkpoint-2"] + [f"checkpoint-{s}" for s in left])
