@@ -229,10 +229,23 @@ def _reference_policy(model):
     return model
 
 
-def step_vs_bnb(args, keep: dict, layers=4, steps=5) -> dict:
-    import tempfile
+def _bnb_peft_model(path):
+    """The ecosystem's QLoRA of the checkpoint at path, on CUDA: transformers + bitsandbytes
+    (NF4, double quantization, bf16 compute) + PEFT (r = 64 on every linear layer)."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                 quantization_config=q, device_map="cuda")
+    model = peft.prepare_model_for_kbit_training(model)
+    return _reference_policy(peft.get_peft_model(model, peft.LoraConfig(
+        r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")))
+
+
+def step_vs_bnb(args, keep: dict, layers=4, steps=5) -> dict:
+    import tempfile
+    from transformers import AutoModelForCausalLM
     from qlora_mini.load4bit import load_4bit
     from qlora_mini.lora import prepare_qlora
     from qlora_mini.memory import llama_config
@@ -250,14 +263,7 @@ def step_vs_bnb(args, keep: dict, layers=4, steps=5) -> dict:
             if side == "qlora_mini":
                 model = prepare_qlora(load_4bit(tmp, device="cuda"), r=64, alpha=16, dropout=0.05)
             else:
-                q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                       bnb_4bit_use_double_quant=True,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)
-                model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16,
-                                                             quantization_config=q, device_map="cuda")
-                model = peft.prepare_model_for_kbit_training(model)
-                model = _reference_policy(peft.get_peft_model(model, peft.LoraConfig(
-                    r=64, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")))
+                model = _bnb_peft_model(tmp)
             opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             times = timed_steps(model.train(), opt, args.tokens, n=steps)
             out[side] = dict(tokens_per_s=args.tokens / sorted(times[1:])[len(times[1:]) // 2],
