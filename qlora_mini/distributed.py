@@ -75,6 +75,21 @@ def full_tensors(model, trainable_only: bool = True) -> dict:
             for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
 
 
+def full_grads(model) -> dict:
+    """{name: full gradient} of the trainable parameters, copies gathered from every shard (a
+    collective, as full_tensors)."""
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t averaged over the processes of the group (t itself, copied, in one process)."""
+    total = t.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return total
+
+
 def _tiny_llama(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
@@ -104,14 +119,9 @@ def demo_run(steps: int = 10, global_batch: int = 4, seq_len: int = 16, seed: in
         loss = model.train()(input_ids=mine, labels=mine).loss
         loss.backward()
         if step == 0:
-            result["grads"] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
-                                   else p.grad).clone() for n, p in model.named_parameters()
-                               if p.requires_grad}
+            result["grads"] = full_grads(model)
         opt.step(), opt.zero_grad()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        result["losses"].append(total.item())
+        result["losses"].append(mean_over_processes(loss).item())
     result["adapters"] = full_tensors(model)
     return result
 
