@@ -42,6 +42,24 @@ def _write(path: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def _result_file(size: str, seed: int, out_dir, train=None) -> tuple[Path, dict]:
+    """The sweep's JSON path for one model, and what an earlier run left there (or a new result)."""
+    steps = (train or {}).get("steps", TRAIN_CONFIG["steps"]) if size in FAMILY else None
+    name = size.replace("/", "--") + (f"-{steps}steps" if steps else "")
+    out = Path(out_dir) / f"{name}-seed{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, json.loads(out.read_text()) if out.exists() else dict(size=size, seed=seed, entries={})
+
+
+def _entry(model, ids, data_type: str, blocksize) -> dict:
+    """One entry of the sweep: the held-out window NLLs with every linear weight in data_type at
+    blocksize (None: the model as it is), and the weights' normalized MSE."""
+    q = model if blocksize is None else quantize_linears(model, data_type, blocksize)
+    nll = window_nll(q, ids, TRAIN_CONFIG["seq_len"])                       # (n_windows,)
+    return dict(data_type=data_type, blocksize=blocksize, nll=[round(v, 6) for v in nll.tolist()],
+                weight_mse=None if blocksize is None else linear_mse(model, q))
+
+
 def _load_model(size: str, seed: int, device: str, root=None, train=None):
     """(model, tokenizer, info) of a family size (built if needed, timed) or a hub model id."""
     t0 = time.time()
@@ -69,11 +87,7 @@ def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="resul
     """Chapter 12's sweep for one model: held-out window NLLs of the 16-bit baseline and of every
     data type x blocksize, plus the weights' normalized MSE. Resumable: the JSON file is rewritten
     after each entry and finished entries are skipped on a rerun."""
-    steps = (train or {}).get("steps", TRAIN_CONFIG["steps"]) if size in FAMILY else None
-    name = size.replace("/", "--") + (f"-{steps}steps" if steps else "")
-    out = Path(out_dir) / f"{name}-seed{seed}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = json.loads(out.read_text()) if out.exists() else dict(size=size, seed=seed, entries={})
+    out, result = _result_file(size, seed, out_dir, train)
     model, tokenizer, info = _load_model(size, seed, device, root, train)
     if result.get("pretrain_s") is not None:                               # from an earlier run
         info["pretrain_s"] = result["pretrain_s"]
@@ -89,11 +103,7 @@ def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="resul
                                 disable=not progress):
         if key in result["entries"]:
             continue
-        q = model if bs is None else quantize_linears(model, name, bs)
-        nll = window_nll(q, ids, TRAIN_CONFIG["seq_len"])                     # (n_windows,)
-        result["entries"][key] = dict(
-            data_type=name, blocksize=bs, nll=[round(v, 6) for v in nll.tolist()],
-            weight_mse=None if bs is None else linear_mse(model, q))
+        result["entries"][key] = _entry(model, ids, name, bs)
         result["entries"] = {k: result["entries"][k] for k in keys if k in result["entries"]}
         result["wall_s"] = result.get("wall_s", 0.0) + time.time() - t0   # sweep, not pretraining
         t0 = time.time()
