@@ -77,6 +77,14 @@ def _lr(step: int, cfg: dict) -> float:
     return cfg["lr"] * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * t)).item()))
 
 
+def _optimizer(model, cfg: dict) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (none on norms), betas (0.9, 0.95)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
+
+
 def pretrain(tokenizer, ids, model_config: dict | None = None, train_config: dict | None = None,
              progress: bool = True):
     """Train a fresh LlamaForCausalLM on the (n,) token stream ids: returns (model, losses)."""
@@ -90,11 +98,7 @@ def pretrain(tokenizer, ids, model_config: dict | None = None, train_config: dic
         model = LlamaForCausalLM(LlamaConfig(**mc, bos_token_id=tokenizer.bos_token_id,
                                              eos_token_id=tokenizer.eos_token_id,
                                              pad_token_id=tokenizer.pad_token_id))
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                 {"params": rest, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
-        gen, losses = torch.Generator().manual_seed(cfg["seed"]), []
+        opt, gen, losses = _optimizer(model, cfg), torch.Generator().manual_seed(cfg["seed"]), []
         for step in (bar := tqdm(range(cfg["steps"]), desc="pretraining", disable=not progress)):
             x = random_windows(ids, cfg["batch_size"], cfg["seq_len"], gen)  # (B, T) int64
             for group in opt.param_groups:
