@@ -32,9 +32,9 @@ _EXPORTS = {  # module (in chapter order) -> the public names it gives the packa
     "load4bit": ["load_4bit", "save_4bit"],
     "memory": ["SavedTensors", "activation_bytes", "count_parameters", "full_finetune_memory",
                "qlora_memory", "saved_tensor_bytes"],
-    "model": ["DEFAULT_MODEL", "load_model", "load_tokenizer"],                   # chapter 6
+    "model": ["DEFAULT_MODEL", "load_model", "load_tokenizer"],                   # appendix A
     "lora": ["LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "read_adapter",
-             "save_adapter", "trainable_parameters"],
+             "save_adapter", "trainable_parameters"],                             # chapter 6
     "policy": ["DTYPE_POLICIES", "apply_dtype_policy"],
     "paged": ["PagedAdamW"],                                                      # chapter 7
     "data": ["DEFAULT_DATA", "load_splits", "stdlib_qa"],  # chapter 8 (train/evaluate: commands)

@@ -68,7 +68,7 @@ def quantize_linears(model, data_type: str, blocksize: int = 64, skip=("lm_head"
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16) -> torch.Tensor:
     """Mean next-token NLL (nats) of each non-overlapping seq_len window of the (n,) token stream
-    ids (chapter 6's heldout_perplexity averages the same windows): (n_windows,) float64."""
+    ids (Appendix A's heldout_perplexity averages the same windows): (n_windows,) float64."""
     windows = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)  # (n_windows, seq_len)
     device, out = next(model.parameters()).device, []
     for batch in windows.split(batch_size):

@@ -78,7 +78,7 @@ def _load_model(size: str, seed: int, device: str, root=None, train=None):
     return model, load_tokenizer(path), info
 
 
-EVAL_TOKENS = 32768  # held-out tokens scored: 256 windows of 128, as chapter 6's perplexity
+EVAL_TOKENS = 32768  # held-out tokens scored: 256 windows of 128, as Appendix A's perplexity
 
 
 def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="results/datatypes",

@@ -8,7 +8,7 @@ from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.model import MODEL_CONFIG, TRAIN_CONFIG, default_model_dir
 
 
-FAMILY = {  # name -> chapter 6's MODEL_CONFIG with these changes; "h128-l4" is the default model
+FAMILY = {  # name -> Appendix A's MODEL_CONFIG with these changes; "h128-l4" is the default model
     "h128-l4": {},
     "h160-l6": dict(hidden_size=160, intermediate_size=480, num_hidden_layers=6,
                     num_attention_heads=5, num_key_value_heads=5),
@@ -28,7 +28,7 @@ def _check_size(size: str) -> None:
 
 def family_model_dir(size: str, seed: int = 0, root=None, progress: bool = True,
                      **train) -> Path:
-    """The cached directory of one stdlib-llama size, pretrained with chapter 6's recipe
+    """The cached directory of one stdlib-llama size, pretrained with Appendix A's recipe
     (TRAIN_CONFIG, with the seed and any of its keys given in train changed); built on first
     use. ("h128-l4", 0) is the default model itself: the same recipe, the same directory."""
     _check_size(size)

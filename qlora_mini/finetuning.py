@@ -149,7 +149,7 @@ def runs(sweep: str, seeds=(0, 1, 2)) -> list[tuple]:
 
 
 def base_model_dir(size: str) -> str:
-    """A family size's cached directory (chapter 6's recipe, seed 0; built on first use), or a
+    """A family size's cached directory (Appendix A's recipe, seed 0; built on first use), or a
     hub id / local directory as given."""
     return str(family_model_dir(size, 0)) if size in FAMILY else size
 
