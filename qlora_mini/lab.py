@@ -74,7 +74,10 @@ def run_step(name: str, fn, *args) -> dict:
         status = out.pop("status", "ok")
     except Exception as e:  # noqa: BLE001  (a lab step fails, the lab goes on)
         out, status = dict(error=f"{type(e).__name__}: {e}"[-2000:]), "failed"
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():     # the CUDA context (and other processes): not the allocator's
+        free, total = torch.cuda.mem_get_info()
+        out["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved()
+        torch.cuda.empty_cache()
     return dict(status=status, seconds=round(time.perf_counter() - t0, 2), **out)
 
 
@@ -130,10 +133,7 @@ def random_linear4bit(in_features, out_features, device, generator=None) -> Line
             t = torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=generator).to(device)
         else:
             t = (torch.rand(t.shape, generator=generator) * 0.02 + 0.01).to(device)
-        if name == "packed":
-            layer.packed = nn.Parameter(t, requires_grad=False)
-        else:
-            setattr(layer, name, t)
+        setattr(layer, name, nn.Parameter(t, requires_grad=False) if name == "packed" else t)
     layer.code, layer.nested_code = get_code("nf4").to(device), dynamic_code().to(device)
     return layer
 
