@@ -10,13 +10,10 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv --system-site-packages .venv
 fi
-# --no-compile: pip does not byte-compile every file of torch, transformers & co. up front (on CI's
-# 2 cores the two installs took 127 s with it and 75 s without, in one measurement); Python compiles
-# what it imports, once, on first use.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install --progress-bar off --no-compile torch==2.13.0
+  .venv/bin/pip install --progress-bar off torch==2.13.0
 fi
-.venv/bin/pip install --progress-bar off --no-compile -r requirements.txt
+.venv/bin/pip install --progress-bar off -r requirements.txt
 
 # The book's browser test (tests/test_browser.py) drives Debian's Chromium with Playwright, which
 # downloads no browser of its own. Installed only when missing and apt-get can run (as root, or
