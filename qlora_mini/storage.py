@@ -159,19 +159,19 @@ def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
     if state.absmax.dtype != expect:
         raise ValueError(f"state.absmax must be {expect} (double_quant={state.double_quant}), "
                          f"got {state.absmax.dtype}")
+    n_blocks, device = state.n_blocks, packed.device                # each computed once
     sizes = {"packed": (packed.numel(), ceil_div(state.numel, 2)),          # (has, needs)
-             "state.absmax": (state.absmax.numel(), state.n_blocks)}
+             "state.absmax": (state.absmax.numel(), n_blocks)}
     if state.double_quant:
         sizes["state.nested_absmax"] = (state.nested_absmax.numel(),
-                                        ceil_div(state.n_blocks, state.nested_blocksize))
+                                        ceil_div(n_blocks, state.nested_blocksize))
     for name, (has, needs) in sizes.items():
         if has != needs:
-            raise ValueError(f"{name} has {has} entries but state.shape {tuple(state.shape)}, "
-                             f"blocksize {state.blocksize} need {needs}: this state belongs to "
-                             "another tensor")
+            raise ValueError(f"{name}: {has} entries, but shape {tuple(state.shape)}, blocksize "
+                             f"{state.blocksize} need {needs}: the state is another tensor's")
     for f in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
         t = getattr(state, f)
-        if t is not None and t.device != packed.device:
+        if t is not None and t.device != device:
             raise ValueError(f"state.{f} is on {t.device} but packed is on {packed.device}: "
                              "move the packed codes and their state to one device")
 
