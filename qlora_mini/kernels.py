@@ -166,14 +166,13 @@ def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, li
                             f"CPU tensors, got {[(t.dtype, t.device.type) for t in tables]}")
     if state.code.numel() != 16 or (dq and state.nested_code.numel() != 256):
         raise ValueError("state.code must hold 16 values and state.nested_code 256")
-    keep = [t if t.is_contiguous() else t.contiguous() for t in (packed, state.absmax, *tables)]
+    keep = [t.contiguous() for t in (packed, state.absmax, *tables)]
     p = [t.data_ptr() for t in keep]
-    a = (_Args(p[0], p[2], None, p[1], p[4], p[3], p[5], out.data_ptr()) if dq
-         else _Args(p[0], p[2], p[1], None, None, None, None, out.data_ptr()))
-    a.n, a.out_dtype = math.prod(state.shape), OUT_DTYPES[out.dtype]
-    a.log2_blocksize = state.blocksize.bit_length() - 1
-    a.log2_nested_blocksize = state.nested_blocksize.bit_length() - 1
-    return a, keep
+    tail = (out.data_ptr(), math.prod(state.shape), state.blocksize.bit_length() - 1,
+            state.nested_blocksize.bit_length() - 1, OUT_DTYPES[out.dtype])
+    if dq:                         # packed, code, absmax (fp32), absmax_q, nested, offset, out, ...
+        return _Args(p[0], p[2], None, p[1], p[4], p[3], p[5], *tail), keep
+    return _Args(p[0], p[2], p[1], None, None, None, None, *tail), keep
 
 
 _cpu_lib = None     # the built CPU twin (a ctypes library)
