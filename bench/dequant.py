@@ -19,9 +19,9 @@ output, as bitsandbytes does) and kernels.dequantize_4bit_cpu into a reused ``ou
 bitsandbytes.functional.dequantize_4bit and two copies of the output's size and dtype: ``src.clone()``
 (allocates, as the public function does: compared with it) and ``dst.copy_(src)`` into a
 preallocated buffer (compared with the ``out=`` call), for NF4 and FP4, with and without
-double quant, to fp32/bf16/fp16, sizes 1024x1024 to 8192x22016. The contestants run in turns
-(round robin, a different one first each round) so that a busy machine slows them alike; medians
-after warm-up. Each configuration is first checked against bitsandbytes (equal values).
+double quant, to fp32/bf16/fp16, sizes 1024x1024 to 8192x22016. The contestants run in rounds,
+each round in a fresh seeded random order, so that a busy machine slows them alike and none
+always runs right after the same other one (which would warm its caches); medians after warm-up. Each configuration is first checked against bitsandbytes (equal values).
 
     python bench/dequant.py --cpu                  # all sizes and configurations
     python bench/dequant.py --cpu --sizes 1024x1024,4096x4096 --iters 7
@@ -29,10 +29,12 @@ after warm-up. Each configuration is first checked against bitsandbytes (equal v
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -135,15 +137,19 @@ CPU_SIZES = [(1024, 1024), (4096, 4096), (4096, 11008), (8192, 8192), (8192, 220
 CPU_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def round_robin_ms(fns: dict, warmup: int, iters: int) -> dict:
-    """Median milliseconds of each fn, called in turns (each round starts with the next one)."""
-    names = list(fns)
+def shuffled_rounds_ms(fns: dict, warmup: int, iters: int, seed: int = 0) -> dict:
+    """Median milliseconds of each fn, called in rounds, each round in a fresh (seeded) random
+    order. A busy machine slows them alike, and no fn always runs right after the same other
+    one: in a fixed cyclic order (our earlier round robin) ``clone`` always followed ``copy``,
+    which had just read clone's source into the cache, a head start at sizes that fit in it."""
+    names, order = list(fns), random.Random(seed)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times = {name: [] for name in names}
-    for i in range(iters):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+    for _ in range(iters):
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
             fns[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
@@ -162,11 +168,15 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     if not torch.equal(ours, theirs.reshape(ours.shape)):
         raise AssertionError(f"{tuple(state.shape)} {state.quant_type} -> {dtype_name}: differs from bnb")
     src, dst = torch.empty_like(ours).copy_(theirs.reshape(ours.shape)), torch.empty_like(ours)
-    out = torch.empty_like(ours)
+    out, raw_out = torch.empty_like(ours), torch.empty_like(ours)
+    raw_args, _keep = kernels._c_args(packed, state, raw_out)      # built once: the kernel alone
+    threads = torch.get_num_threads()
     del ours, theirs
-    ms = round_robin_ms({
+    ms = shuffled_rounds_ms({
         "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
         "qlora_mini_out": lambda: kernels.dequantize_4bit_cpu(packed, state, dtype, out=out),
+        "kernel_only": lambda: kernels._cpu_lib.qlora_mini_dequantize_4bit_cpu(
+            ctypes.byref(raw_args), threads),
         "bitsandbytes": lambda: F.dequantize_4bit(p_bnb, qs),
         "copy": lambda: dst.copy_(src),
         "clone": lambda: src.clone(),
@@ -175,19 +185,22 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     moved = packed.numel() + state.nbytes() + out_bytes            # read codes + constants, write
     return dict(quant_type=state.quant_type, double_quant=state.double_quant, dtype=dtype_name,
                 path=dequantize_path(packed, state, dtype), ms=ms,
-                bytes_moved={"qlora_mini": moved, "qlora_mini_out": moved, "bitsandbytes": moved,
+                bytes_moved={"qlora_mini": moved, "qlora_mini_out": moved, "kernel_only": moved,
+                             "bitsandbytes": moved,
                              "copy": 2 * out_bytes, "clone": 2 * out_bytes},
                 vs_bitsandbytes=ms["bitsandbytes"] / ms["qlora_mini"],
                 vs_copy=ms["copy"] / ms["qlora_mini"],
                 vs_clone=ms["clone"] / ms["qlora_mini"],
                 out_vs_copy=ms["copy"] / ms["qlora_mini_out"],
+                kernel_only_vs_copy=ms["copy"] / ms["kernel_only"],
                 copy_gb_per_s=2 * out_bytes / (ms["copy"] * 1e-3) / 1e9,
                 qlora_mini_gb_per_s=moved / (ms["qlora_mini"] * 1e-3) / 1e9, n=n)
 
 
 def iters_for(n: int, iters: int) -> int:
-    """More rounds for small matrices, whose millisecond timings a busy machine disturbs most."""
-    return iters if n > 1 << 25 else 2 * iters + 1 if n > 1 << 22 else 4 * iters + 1
+    """More rounds for small matrices, whose sub-millisecond timings a busy machine disturbs most
+    (a 1024x1024 round takes about a millisecond)."""
+    return iters if n > 1 << 25 else 2 * iters + 1 if n > 1 << 22 else 20 * iters + 1
 
 
 def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES) -> dict:
@@ -219,9 +232,11 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
         del W
     config = dict(blocksize=BLOCKSIZE, warmup=warmup, statistic="median",
                   iters={f"{r}x{c}": iters_for(r * c, iters) for r, c in sizes},
-                  schedule="round robin", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
+                  schedule="rounds in a seeded random order", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
                   qlora_mini_out_call="kernels.dequantize_4bit_cpu(..., out=out), out reused",
+                  kernel_only_call="the compiled function through ctypes, its arguments built once "
+                                   "(no Python checks or marshalling per call), out reused",
                   copy_call="dst.copy_(src), preallocated, output size and dtype",
                   clone_call="src.clone(), allocates, output size and dtype")
     return dict(kind="cpu", device=kernels.cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
