@@ -19,9 +19,12 @@ output, as bitsandbytes does) and kernels.dequantize_4bit_cpu into a reused ``ou
 bitsandbytes.functional.dequantize_4bit and two copies of the output's size and dtype: ``src.clone()``
 (allocates, as the public function does: compared with it) and ``dst.copy_(src)`` into a
 preallocated buffer (compared with the ``out=`` call), for NF4 and FP4, with and without
-double quant, to fp32/bf16/fp16, sizes 1024x1024 to 8192x22016. The contestants run in rounds,
-each round in a fresh seeded random order, so that a busy machine slows them alike and none
-always runs right after the same other one (which would warm its caches); medians after warm-up. Each configuration is first checked against bitsandbytes (equal values).
+double quant, to fp32/bf16/fp16, sizes 1024x1024 to 8192x22016; and ``kernel_only``, the
+compiled function alone through ctypes with its arguments built once (what the Python around it
+costs), against ``copy_``. The contestants run in rounds, each round in a fresh seeded random
+order, so that a busy machine slows them alike and none always runs right after the same other
+one (which would warm its caches); medians after warm-up. Each configuration is first checked
+against bitsandbytes (equal values), and the kernel alone against the public function.
 
     python bench/dequant.py --cpu                  # all sizes and configurations
     python bench/dequant.py --cpu --sizes 1024x1024,4096x4096 --iters 7
@@ -171,6 +174,9 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     out, raw_out = torch.empty_like(ours), torch.empty_like(ours)
     raw_args, _keep = kernels._c_args(packed, state, raw_out)      # built once: the kernel alone
     threads = torch.get_num_threads()
+    err = kernels._cpu_lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads)
+    if err or not torch.equal(raw_out, ours):
+        raise AssertionError(f"{tuple(state.shape)} -> {dtype_name}: the kernel alone differs ({err})")
     del ours, theirs
     ms = shuffled_rounds_ms({
         "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
@@ -232,7 +238,8 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
         del W
     config = dict(blocksize=BLOCKSIZE, warmup=warmup, statistic="median",
                   iters={f"{r}x{c}": iters_for(r * c, iters) for r, c in sizes},
-                  schedule="rounds in a seeded random order", qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
+                  schedule="rounds in a seeded random order",
+                  qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
                   qlora_mini_out_call="kernels.dequantize_4bit_cpu(..., out=out), out reused",
                   kernel_only_call="the compiled function through ctypes, its arguments built once "
