@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from qlora_mini.checkpoint import whole
 from qlora_mini.lora import lora_layers
 from qlora_mini.memory import meta_model, qlora_memory
 from qlora_mini.recipe import OneProcess, register_processes
@@ -71,15 +72,14 @@ def shard_qlora(model, mesh=None, reshard_after_forward: bool = True):
 def full_tensors(model, trainable_only: bool = True) -> dict:
     """{name: full tensor} of the model's (trainable) parameters, gathered from every process's
     shard (a collective: every process must call it)."""
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+    return {n: whole(p).detach().cpu()                         # chapter 8's DTensor -> tensor
             for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
 
 
 def full_grads(model) -> dict:
     """{name: full gradient} of the trainable parameters, copies gathered from every shard (a
     collective, as full_tensors)."""
-    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {n: whole(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
@@ -179,9 +179,7 @@ def rank0(self, fn) -> None:
 
 @add_to_class(FSDPProcesses)
 def mean(self, x: float) -> float:
-    t = torch.tensor(x, dtype=torch.float64, device=_device())  # () float64
-    dist.all_reduce(t, op=dist.ReduceOp.AVG)
-    return t.item()
+    return mean_over_processes(torch.tensor(x, dtype=torch.float64, device=_device())).item()
 
 
 @add_to_class(FSDPProcesses)
