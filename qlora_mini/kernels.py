@@ -157,7 +157,7 @@ def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, li
     """QmDequantArgs for CPU tensors, and the contiguous tensors it points into (keep them alive).
     check_state has checked sizes and the absmax dtype; the float32 tables are checked here.
     (Lean on purpose: on a 1024x1024 weight this runs on every call of ~0.1 ms of kernel.)"""
-    dq = state.nested_absmax is not None                 # absmax: fp32 values or uint8 indices
+    dq = state.double_quant                              # absmax: fp32 values or uint8 indices
     tables = ((state.code, state.nested_code, state.nested_absmax, state.offset) if dq
               else (state.code,))
     for t in tables:
