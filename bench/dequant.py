@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -159,12 +160,19 @@ def shuffled_rounds_ms(fns: dict, warmup: int, iters: int, seed: int = 0) -> dic
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+@functools.cache
+def raw_cpu_library():
+    """The CPU kernel alone (same source and flags as the extension, no binding), for ctypes."""
+    from qlora_mini import kernel_checks
+    return kernel_checks.build_cpu_library()
+
+
 def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, iters: int) -> dict:
     import bitsandbytes.functional as F
 
     import qlora_mini
-    from qlora_mini import kernels
-    from qlora_mini.storage import dequantize_path
+    from qlora_mini import kernel_checks, kernels
+    from qlora_mini.backends import dequantize_path
     dtype = getattr(torch, dtype_name)
     qs.dtype = dtype
     ours, theirs = qlora_mini.dequantize_4bit(packed, state, dtype), F.dequantize_4bit(p_bnb, qs)
@@ -172,17 +180,17 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
         raise AssertionError(f"{tuple(state.shape)} {state.quant_type} -> {dtype_name}: differs from bnb")
     src, dst = torch.empty_like(ours).copy_(theirs.reshape(ours.shape)), torch.empty_like(ours)
     out, raw_out = torch.empty_like(ours), torch.empty_like(ours)
-    raw_args, _keep = kernels._c_args(packed, state, raw_out)      # built once: the kernel alone
+    lib = raw_cpu_library()
+    raw_args, _keep = kernel_checks._c_args(packed, state, raw_out)  # built once: the kernel alone
     threads = torch.get_num_threads()
-    err = kernels._cpu_lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads)
+    err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads)
     if err or not torch.equal(raw_out, ours):
         raise AssertionError(f"{tuple(state.shape)} -> {dtype_name}: the kernel alone differs ({err})")
     del ours, theirs
     ms = shuffled_rounds_ms({
         "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
         "qlora_mini_out": lambda: kernels.dequantize_4bit_cpu(packed, state, dtype, out=out),
-        "kernel_only": lambda: kernels._cpu_lib.qlora_mini_dequantize_4bit_cpu(
-            ctypes.byref(raw_args), threads),
+        "kernel_only": lambda: lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads),
         "bitsandbytes": lambda: F.dequantize_4bit(p_bnb, qs),
         "copy": lambda: dst.copy_(src),
         "clone": lambda: src.clone(),

@@ -8,11 +8,16 @@ Chapter 4 and ``tests/test_kernels.py`` use them on any machine with ``nvcc`` (a
 - :func:`dequantize_4bit_host` runs the CUDA kernel's own per-thread program on the CPU (nvcc's
   host build, one "thread" after another), so the GPU kernel's indexing is testable without a GPU.
 - :func:`binding_syntax_check` type-checks the torch binding with ``g++ -fsyntax-only``.
+- :func:`build_cpu_library` builds the CPU kernel alone (no torch binding; other flags, e.g.
+  without AVX-512) and :func:`dequantize_4bit_raw` calls it through ctypes: the portable inner
+  loop's test, and the benchmark's "kernel alone" contestant.
 """
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -22,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_mini.kernels import (BINDING_SRC, CSRC, KERNEL_SRC, _c_args, _cache_dir, _out_buffer,
-                                _sources_hash)
+from qlora_mini.kernels import (BINDING_SRC, CPU_CFLAGS, CPU_SRC, CSRC, KERNEL_SRC, _cache_dir,
+                                _cpu_model, _out_buffer, _sources_hash)
 from qlora_mini.storage import QuantState4bit, check_state
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")     # A100, RTX 30xx/A6000, RTX 40xx/L40S, H100
@@ -137,6 +142,67 @@ def binding_syntax_check() -> None:
         raise CompileError(f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.touch()
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels alone, through ctypes: the plain-C QmDequantArgs of csrc/dequant_4bit.h
+
+OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # QmOutDtype
+
+
+class _Args(ctypes.Structure):
+    """ctypes mirror of QmDequantArgs in csrc/dequant_4bit.h (same order, same types)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("packed", "code", "absmax", "absmax_q", "nested_absmax", "nested_code", "offset", "out")]
+    _fields_ += [("n", ctypes.c_int64), ("log2_blocksize", ctypes.c_int),
+                 ("log2_nested_blocksize", ctypes.c_int), ("out_dtype", ctypes.c_int)]
+
+
+def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, list]:
+    """QmDequantArgs for CPU tensors, and the contiguous tensors it points into (keep them alive).
+    check_state has checked sizes and the absmax dtype; the float32 tables are checked here."""
+    dq = state.double_quant                              # absmax: fp32 values or uint8 indices
+    tables = ((state.code, state.nested_code, state.nested_absmax, state.offset) if dq
+              else (state.code,))
+    for t in tables:
+        if t.dtype != torch.float32 or not t.is_cpu:
+            raise TypeError("state.code, .nested_code, .nested_absmax, .offset must be float32 "
+                            f"CPU tensors, got {[(t.dtype, t.device.type) for t in tables]}")
+    if state.code.numel() != 16 or (dq and state.nested_code.numel() != 256):
+        raise ValueError("state.code must hold 16 values and state.nested_code 256")
+    keep = [t.contiguous() for t in (packed, state.absmax, *tables)]
+    p = [t.data_ptr() for t in keep]
+    tail = (out.data_ptr(), math.prod(state.shape), state.blocksize.bit_length() - 1,
+            state.nested_blocksize.bit_length() - 1, OUT_DTYPES[out.dtype])
+    if dq:                         # packed, code, absmax (fp32), absmax_q, nested, offset, out, ...
+        return _Args(p[0], p[2], None, p[1], p[4], p[3], p[5], *tail), keep
+    return _Args(p[0], p[2], p[1], None, None, None, None, *tail), keep
+
+
+def build_cpu_library(extra_cflags=()) -> ctypes.CDLL:
+    """JIT-build csrc/dequant_4bit_cpu.cpp alone, without the torch binding, with
+    torch.utils.cpp_extension.load (cached under a name hashing the sources, flags and CPU)."""
+    from torch.utils.cpp_extension import load
+    flags = [*CPU_CFLAGS, *extra_cflags]
+    tag = _sources_hash(*flags, platform.machine(), _cpu_model())
+    path = load(name=f"qlora_mini_dequant_4bit_cpu_{tag}", sources=[str(CPU_SRC)],
+                extra_include_paths=[str(CSRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                is_python_module=False, verbose=False)
+    lib = ctypes.CDLL(path)
+    lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
+    lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+    lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def dequantize_4bit_raw(packed, state: QuantState4bit, dtype, out: torch.Tensor, lib) -> torch.Tensor:
+    """The CPU kernel of ``lib`` (from :func:`build_cpu_library`) into ``out``, through ctypes."""
+    check_state(packed, state)
+    a, keep = _c_args(packed, state, _out_buffer(state, dtype, packed.device, out))
+    err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
+    if err:
+        raise RuntimeError(err.decode())
+    return out
 
 
 _host_lib = None

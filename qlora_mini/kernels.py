@@ -6,23 +6,24 @@ Chapter 4 explains the kernel; this module only builds and calls it. One per-ele
 - CUDA (``csrc/dequant_4bit.cu`` + its torch binding ``csrc/dequant_4bit_binding.cpp``): on a
   machine with a CUDA device, compiled just in time by ``torch.utils.cpp_extension.load`` on first
   use (cached in torch's extension directory; needs ``ninja`` and ``nvcc``).
-- CPU (``csrc/dequant_4bit_cpu.cpp``): the twin, built the same way with g++ (``-O3
-  -march=native``, OpenMP over blocks) on first use, called through ctypes.
+- CPU (``csrc/dequant_4bit_cpu.cpp`` + its torch binding ``csrc/dequant_4bit_cpu_binding.cpp``):
+  the twin, built the same way with g++ (``-O3 -march=native``, OpenMP over blocks) on first use.
+  The binding checks the tensors, allocates the output and runs the kernel in one call from
+  Python: on a 1024x1024 weight, checks in Python would cost half as much again as the kernel.
 
-At import this module registers both with chapter 3 (``storage.register_dequantize_backend``), so
+At import this module registers both with chapter 3 (``backends.register_dequantize_backend``), so
 :func:`qlora_mini.storage.dequantize_4bit` sends CUDA tensors to :func:`dequantize_4bit_cuda` and
 CPU tensors to :func:`dequantize_4bit_cpu`, falling back to the PyTorch reference (with one
 warning) where a build fails. :func:`active_path` says which code runs. Storage never imports
 this module: the arrows run one way, chapter 4 → chapter 3.
 
 The checks that need no GPU (nvcc compile checks, PTX, the CUDA kernel's per-thread program on the
-host, the binding's syntax) live in :mod:`qlora_mini.kernel_checks`.
+host, the binding's syntax, the CPU kernel alone through ctypes) live in
+:mod:`qlora_mini.kernel_checks`.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import math
 import os
 import platform
 import warnings
@@ -30,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_mini.storage import FLOAT_DTYPES, QuantState4bit, check_state, register_dequantize_backend
+from qlora_mini.backends import register_dequantize_backend
+from qlora_mini.storage import FLOAT_DTYPES, QuantState4bit, check_state
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 KERNEL_SRC = CSRC / "dequant_4bit.cu"           # the kernel: no torch headers
@@ -38,8 +40,9 @@ BINDING_SRC = CSRC / "dequant_4bit_binding.cpp"  # the torch side
 HEADER_SRC = CSRC / "dequant_4bit.h"             # the plain-C interface between them
 CORE_SRC = CSRC / "dequant_4bit_core.h"          # the per-element program both back ends share
 CPU_SRC = CSRC / "dequant_4bit_cpu.cpp"          # the CPU twin: no torch headers
+CPU_BINDING_SRC = CSRC / "dequant_4bit_cpu_binding.cpp"  # its torch side
+TORCH_ARGS_SRC = CSRC / "dequant_4bit_torch.h"  # tensors -> QmDequantArgs, for both bindings
 CPU_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # no FMA: bit-exactness
-OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # QmOutDtype
 
 _ext = None     # the built torch extension
 _error = None   # why there is none (a string), once we tried
@@ -60,7 +63,8 @@ def _cache_dir() -> Path:
 
 
 def _sources_hash(*extra: str) -> str:
-    data = b"".join(p.read_bytes() for p in (KERNEL_SRC, HEADER_SRC, CORE_SRC, BINDING_SRC, CPU_SRC))
+    data = b"".join(p.read_bytes() for p in (KERNEL_SRC, HEADER_SRC, CORE_SRC, BINDING_SRC, CPU_SRC,
+                                                    CPU_BINDING_SRC, TORCH_ARGS_SRC))
     return hashlib.sha256(data + "|".join(extra).encode()).hexdigest()[:12]
 
 
@@ -101,7 +105,7 @@ def active_path(device=None) -> str:
     if device == "cpu":
         if _build_cpu() is None:
             return f"PyTorch reference (CPU kernel {_cpu_error})"
-        return f"cpu kernel ({_cpu_lib.qlora_mini_dequantize_4bit_cpu_isa().decode()}, OpenMP)"
+        return f"cpu kernel ({_cpu_ext.isa()}, OpenMP)"
     if not torch.cuda.is_available():
         return "PyTorch reference (no CUDA device)"
     if _build() is None:
@@ -142,76 +146,30 @@ def dequantize_4bit_cuda(packed: torch.Tensor, state: QuantState4bit, dtype=None
 
 
 # ---------------------------------------------------------------------------------------------
-# The CPU twin, called through ctypes (so is the CUDA kernel's host emulation in kernel_checks)
+# The CPU twin and its torch binding
 
-
-class _Args(ctypes.Structure):
-    """ctypes mirror of QmDequantArgs in csrc/dequant_4bit.h (same order, same types)."""
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("packed", "code", "absmax", "absmax_q", "nested_absmax", "nested_code", "offset", "out")]
-    _fields_ += [("n", ctypes.c_int64), ("log2_blocksize", ctypes.c_int),
-                 ("log2_nested_blocksize", ctypes.c_int), ("out_dtype", ctypes.c_int)]
-
-
-def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, list]:
-    """QmDequantArgs for CPU tensors, and the contiguous tensors it points into (keep them alive).
-    check_state has checked sizes and the absmax dtype; the float32 tables are checked here.
-    (Lean on purpose: on a 1024x1024 weight this runs on every call of ~0.1 ms of kernel.)"""
-    dq = state.double_quant                              # absmax: fp32 values or uint8 indices
-    tables = ((state.code, state.nested_code, state.nested_absmax, state.offset) if dq
-              else (state.code,))
-    for t in tables:
-        if t.dtype != torch.float32 or not t.is_cpu:
-            raise TypeError("state.code, .nested_code, .nested_absmax, .offset must be float32 "
-                            f"CPU tensors, got {[(t.dtype, t.device.type) for t in tables]}")
-    if state.code.numel() != 16 or (dq and state.nested_code.numel() != 256):
-        raise ValueError("state.code must hold 16 values and state.nested_code 256")
-    keep = [t.contiguous() for t in (packed, state.absmax, *tables)]
-    p = [t.data_ptr() for t in keep]
-    tail = (out.data_ptr(), math.prod(state.shape), state.blocksize.bit_length() - 1,
-            state.nested_blocksize.bit_length() - 1, OUT_DTYPES[out.dtype])
-    if dq:                         # packed, code, absmax (fp32), absmax_q, nested, offset, out, ...
-        return _Args(p[0], p[2], None, p[1], p[4], p[3], p[5], *tail), keep
-    return _Args(p[0], p[2], p[1], None, None, None, None, *tail), keep
-
-
-_cpu_lib = None     # the built CPU twin (a ctypes library)
+_cpu_ext = None     # the built extension (a Python module)
 _cpu_error = None   # why there is none (a string), once we tried
 
 
 def _build_cpu():
     """Build (or load from torch's extension cache) the CPU twin once; warn once on failure. The
     name carries a hash of the sources, the flags and this CPU's model (-march=native)."""
-    global _cpu_lib, _cpu_error
-    if _cpu_lib is not None or _cpu_error is not None:
-        return _cpu_lib
+    global _cpu_ext, _cpu_error
+    if _cpu_ext is not None or _cpu_error is not None:
+        return _cpu_ext
     if os.environ.get("QLORA_MINI_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no"):
         _cpu_error = "disabled by QLORA_MINI_CPU_KERNEL=0"
         return None
     try:
-        _cpu_lib = build_cpu_library()
+        from torch.utils.cpp_extension import load
+        tag = _sources_hash(*CPU_CFLAGS, platform.machine(), _cpu_model())
+        _cpu_ext = load(name=f"qlora_mini_dequant_4bit_cpu_ext_{tag}",
+                        sources=[str(CPU_BINDING_SRC), str(CPU_SRC)], extra_include_paths=[str(CSRC)],
+                        extra_cflags=CPU_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
         _cpu_error = _build_failed("CPU", e)
-    return _cpu_lib
-
-
-def build_cpu_library(extra_cflags=()) -> ctypes.CDLL:
-    """JIT-build csrc/dequant_4bit_cpu.cpp with torch.utils.cpp_extension.load (ninja, g++; cached
-    in torch's extension folder under a name hashing the sources, flags and CPU model)."""
-    from torch.utils.cpp_extension import load
-    flags = [*CPU_CFLAGS, *extra_cflags]
-    tag = _sources_hash(*flags, platform.machine(), _cpu_model())
-    path = load(name=f"qlora_mini_dequant_4bit_cpu_{tag}", sources=[str(CPU_SRC)],
-                extra_include_paths=[str(CSRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                is_python_module=False, verbose=False)
-    lib = ctypes.CDLL(path)
-    lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
-    lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
-    lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
-    lib.qlora_mini_quantize_4bit_cpu.restype = ctypes.c_char_p
-    lib.qlora_mini_quantize_4bit_cpu.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                                 *[ctypes.c_void_p] * 4, ctypes.c_int]
-    return lib
+    return _cpu_ext
 
 
 def _cpu_model() -> str:
@@ -240,23 +198,33 @@ def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState4bit, dtype=None,
                         out: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU twin: packed (ceil(n/2),) uint8 CPU tensor + state → ``state.shape`` in ``dtype``
     (default ``state.dtype``), written into ``out`` if given; torch.get_num_threads() threads."""
+    if _build_cpu() is None:
+        raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
+    try:
+        return _cpu_backend(packed, state, dtype, out)       # the binding checks every tensor
+    except Exception:
+        _explain_cpu_refusal(packed, state, dtype, out)
+        raise                                                # good arguments: a real failure
+
+
+def _explain_cpu_refusal(packed, state, dtype, out) -> None:
+    """Raise, in words, the error the binding found (it reports only which check failed)."""
     check_state(packed, state)
     if packed.is_cuda:
         raise ValueError("dequantize_4bit_cpu takes CPU tensors")
-    if _build_cpu() is None:
-        raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
-    out = _out_buffer(state, dtype, packed.device, out)
-    return _cpu_backend(packed, state, out.dtype, out)
+    _out_buffer(state, dtype, packed.device, out)
+    tables = (state.code, state.nested_code, state.nested_absmax, state.offset)
+    if any(t is not None and t.dtype != torch.float32 for t in tables):
+        raise TypeError("state.code, .nested_code, .nested_absmax, .offset must be float32, got "
+                        f"{[None if t is None else t.dtype for t in tables]}")
 
 
-def _cpu_backend(packed, state, dtype, out=None, lib=None) -> torch.Tensor:
-    """The CPU twin on arguments already checked (storage.dequantize_4bit has checked them)."""
-    out = torch.empty(state.shape, dtype=dtype) if out is None else out
-    a, keep = _c_args(packed, state, out)
-    err = (lib or _cpu_lib).qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
-    if err:
-        raise RuntimeError(err.decode())
-    return out
+def _cpu_backend(packed, state, dtype, out=None) -> torch.Tensor:
+    """One call into the binding, which checks every tensor itself (storage.dequantize_4bit calls
+    this without checking first, and explains a refusal with check_state)."""
+    return _cpu_ext.dequantize_4bit(packed, state.code, state.absmax, state.nested_absmax,
+                                    state.nested_code, state.offset, state.blocksize,
+                                    state.nested_blocksize, state.shape, dtype or state.dtype, out)
 
 
 def quantize_blocks_cpu(x: torch.Tensor, blocksize: int, code: torch.Tensor
@@ -275,11 +243,7 @@ def quantize_blocks_cpu(x: torch.Tensor, blocksize: int, code: torch.Tensor
     order8 = order.to(torch.uint8)
     packed = torch.empty((x.numel() + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-x.numel() // blocksize), dtype=torch.float32)
-    err = _cpu_lib.qlora_mini_quantize_4bit_cpu(
-        x.data_ptr(), x.numel(), blocksize.bit_length() - 1, cuts.data_ptr(), order8.data_ptr(),
-        packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads())
-    if err:
-        raise RuntimeError(err.decode())
+    _cpu_ext.quantize_blocks(x, blocksize, cuts, order8, packed, absmax)
     return packed, absmax
 
 
@@ -290,4 +254,4 @@ register_dequantize_backend("cuda kernel", lambda packed, state, dtype: packed.i
                             dequantize_4bit_cuda)
 register_dequantize_backend("cpu kernel",
                             lambda packed, state, dtype: packed.is_cpu and cpu_available(),
-                            _cpu_backend)
+                            _cpu_backend, checks_arguments=True)

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from qlora_mini.backends import _backend  # the registry (its own module: the cell above)
 from qlora_mini.codebooks import get_code
 from qlora_mini.quantization import _check_finite, _check_tensor  # chapter 1's input checks
 from qlora_mini.quantization import round_to_code  # chapter 1: index of the nearest level
@@ -139,10 +140,23 @@ def double_dequantize(state: QuantState4bit) -> torch.Tensor:
     """The fp32 absmax per block: stored directly, or rebuilt from its 8-bit codes."""
     if not state.double_quant:
         return state.absmax
-    n = state.absmax.numel()
     values = state.nested_code[state.absmax.long()]                        # (n_blocks,) float32
-    scale = state.nested_absmax.repeat_interleave(state.nested_blocksize)[:n]  # (n_blocks,)
+    scale = state.nested_absmax.repeat_interleave(state.nested_blocksize)[:values.numel()]
     return values * scale + state.offset
+
+
+def _check_tables(packed: torch.Tensor, state: QuantState4bit) -> None:
+    """All of the state on packed's device, its tables float32, its codebooks complete."""
+    for f in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
+        t = getattr(state, f)
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"state.{f} is on {t.device} but packed is on {packed.device}: "
+                             "move the packed codes and their state to one device")
+        if t is not None and f != "absmax" and t.dtype != torch.float32:
+            raise TypeError(f"state.{f} must be float32, got {t.dtype}")
+    dq = state.double_quant
+    if state.code.numel() != 16 or dq and (state.nested_code.numel(), state.offset.numel()) != (256, 1):
+        raise ValueError("state.code must hold 16 values, state.nested_code 256, state.offset 1")
 
 
 def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
@@ -159,21 +173,16 @@ def check_state(packed: torch.Tensor, state: QuantState4bit) -> None:
     if state.absmax.dtype != expect:
         raise ValueError(f"state.absmax must be {expect} (double_quant={state.double_quant}), "
                          f"got {state.absmax.dtype}")
-    n_blocks, device = state.n_blocks, packed.device                # each computed once
     sizes = {"packed": (packed.numel(), ceil_div(state.numel, 2)),          # (has, needs)
-             "state.absmax": (state.absmax.numel(), n_blocks)}
+             "state.absmax": (state.absmax.numel(), state.n_blocks)}
     if state.double_quant:
         sizes["state.nested_absmax"] = (state.nested_absmax.numel(),
-                                        ceil_div(n_blocks, state.nested_blocksize))
+                                        ceil_div(state.n_blocks, state.nested_blocksize))
     for name, (has, needs) in sizes.items():
         if has != needs:
             raise ValueError(f"{name}: {has} entries, but shape {tuple(state.shape)}, blocksize "
                              f"{state.blocksize} need {needs}: the state is another tensor's")
-    for f in ("absmax", "code", "offset", "nested_absmax", "nested_code"):
-        t = getattr(state, f)
-        if t is not None and t.device != device:
-            raise ValueError(f"state.{f} is on {t.device} but packed is on {packed.device}: "
-                             "move the packed codes and their state to one device")
+    _check_tables(packed, state)
 
 
 BYTE_NIBBLES = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 0xF], dim=1)  # (256, 2)
@@ -201,22 +210,10 @@ def _dequantize_4bit_torch(packed, state, dtype, chunk: int | None = None):
     return out.view(state.shape)
 
 
-_BACKENDS = {}  # name → (accepts(packed, state, dtype) -> bool, fn(packed, state, dtype))
-
-
-def register_dequantize_backend(name: str, accepts, fn) -> None:
-    """Offer ``fn(packed, state, dtype)``, bit-exact with the reference, wherever ``accepts(packed,
-    state, dtype)``. Tried in order of registration; registering a name again replaces it."""
-    if not isinstance(name, str) or not callable(accepts) or not callable(fn):
-        raise TypeError("register_dequantize_backend(name: str, accepts: callable, fn: callable)")
-    _BACKENDS[name] = (accepts, fn)
-
-
-def dequantize_path(packed: torch.Tensor, state: QuantState4bit, dtype=None) -> str:
-    """The name of the code :func:`dequantize_4bit` runs for these arguments."""
-    dtype = state.dtype if dtype is None else dtype
-    return next((name for name, (accepts, _) in _BACKENDS.items()
-                 if accepts(packed, state, dtype)), "PyTorch reference")
+def _check_arguments(packed, state, dtype) -> None:
+    check_state(packed, state)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit,
@@ -224,12 +221,16 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit,
     """Packed 4-bit indices back to a tensor of ``state.shape`` in ``dtype`` (default: the dtype
     that was quantized): code[idx] * absmax of its block, in float32, rounded once to ``dtype``
     as bitsandbytes does; by a registered backend (chapter 4) if one accepts, else the reference."""
-    check_state(packed, state)
-    dtype = state.dtype if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    fn = _BACKENDS.get(dequantize_path(packed, state, dtype), (None, _dequantize_4bit_torch))[1]
-    return fn(packed, state, dtype)
+    try:
+        dtype = state.dtype if dtype is None else dtype
+        name, fn, checks = _backend(packed, state, dtype)
+        if checks:                                  # it checks the arguments itself
+            return fn(packed, state, dtype)
+    except Exception:
+        _check_arguments(packed, state, dtype)      # explain a bad argument in words, or
+        raise                                       # pass on a failure of good ones
+    _check_arguments(packed, state, dtype)
+    return (fn or _dequantize_4bit_torch)(packed, state, dtype)
 
 
 def nearest_code_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 import qlora_mini  # noqa: F401  (silences bitsandbytes' log line)
 import bitsandbytes.functional as F
 from qlora_mini import kernel_checks, kernels
-from qlora_mini.storage import (_dequantize_4bit_torch, dequantize_4bit, dequantize_path, from_bnb,
+from qlora_mini.backends import dequantize_path
+from qlora_mini.storage import (_dequantize_4bit_torch, dequantize_4bit, from_bnb,
                                 quantize_4bit, to_bnb)
 from qlora_mini.utils import in_ci
 
@@ -194,14 +195,14 @@ def test_cpu_twin_without_avx512_is_bit_exact_too():
     require_cpu_kernel()
     if __import__("platform").machine() not in ("x86_64", "AMD64"):
         pytest.skip("-mno-avx512f is an x86 flag")
-    lib = kernels.build_cpu_library(["-mno-avx512f"])
+    lib = kernel_checks.build_cpu_library(["-mno-avx512f"])
     assert lib.qlora_mini_dequantize_4bit_cpu_isa() == b"scalar"
     for i, (shape, blocksize) in enumerate(CPU_CASES[:6]):
         for quant_type, dq in (("nf4", True), ("fp4", False)):
             packed, state = quantize_4bit(fresh(shape, 20 + i), blocksize, quant_type, dq)
             for dtype in DTYPES:
                 out = torch.full(shape, float("nan"), dtype=dtype)
-                got = kernels._cpu_backend(packed, state, dtype, out, lib=lib)
+                got = kernel_checks.dequantize_4bit_raw(packed, state, dtype, out, lib)
                 assert_bit_exact(got, decode_by_hand(packed, state, dtype), f"{shape} {dtype}")
 
 
@@ -265,7 +266,7 @@ def test_cpu_twin_refuses_what_it_cannot_read():
 
 def test_fallback_to_the_reference_without_the_cpu_kernel(monkeypatch):
     packed, state = quantize_4bit(fresh((5, 100), 3), 64, "fp4", True)
-    monkeypatch.setattr(kernels, "_cpu_lib", None)
+    monkeypatch.setattr(kernels, "_cpu_ext", None)
     monkeypatch.setattr(kernels, "_cpu_error", "build failed: (simulated)")
     assert dequantize_path(packed, state) == "PyTorch reference"
     assert kernels.active_path("cpu") == "PyTorch reference (CPU kernel build failed: (simulated))"
@@ -279,7 +280,7 @@ def test_failed_cpu_build_warns_once(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Error building extension: c++ not found (simulated)")
     monkeypatch.setattr(cpp, "load", broken)
-    monkeypatch.setattr(kernels, "_cpu_lib", None)
+    monkeypatch.setattr(kernels, "_cpu_ext", None)
     monkeypatch.setattr(kernels, "_cpu_error", None)
     monkeypatch.delenv("QLORA_MINI_CPU_KERNEL", raising=False)
     with pytest.warns(RuntimeWarning, match="CPU dequantization kernel did not build"):
@@ -355,7 +356,8 @@ def test_storage_does_not_import_kernels():
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
              for a in n.names} | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("kernels" in name for name in names), names
-    assert {"cuda kernel", "cpu kernel"} <= set(storage._BACKENDS)
+    from qlora_mini import backends
+    assert {"cuda kernel", "cpu kernel"} <= set(backends._BACKENDS)
 
 
 def test_find_nvcc_via_cuda_home(tmp_path, monkeypatch):

@@ -8,10 +8,11 @@ import torch
 import qlora_mini  # noqa: F401  (silences bitsandbytes' `kernels` log line before bnb loads)
 import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-from qlora_mini import storage
+from qlora_mini import backends, storage
+from qlora_mini.backends import dequantize_path, register_dequantize_backend
 from qlora_mini.storage import (QuantState4bit, _dequantize_4bit_torch, bits_per_param,
-                                dequantize_4bit, dequantize_path, double_dequantize, from_bnb,
-                                quantize_4bit, register_dequantize_backend, storage_nbytes, to_bnb)
+                                dequantize_4bit, double_dequantize, from_bnb, quantize_4bit,
+                                storage_nbytes, to_bnb)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -217,7 +218,7 @@ def test_reference_is_lean():
 
 
 def test_backend_registry_dispatches_in_order(monkeypatch):
-    monkeypatch.setattr(storage, "_BACKENDS", {})
+    monkeypatch.setattr(backends, "_BACKENDS", {})
     packed, state = quantize_4bit(torch.randn(4, 64))
     assert dequantize_path(packed, state) == "PyTorch reference"
     calls = []
@@ -233,6 +234,34 @@ def test_backend_registry_dispatches_in_order(monkeypatch):
                        _by_hand(packed, state, torch.float32))
     with pytest.raises(TypeError, match="register_dequantize_backend"):
         register_dequantize_backend("bad", None, fake)
+
+
+def test_a_backend_that_checks_its_arguments_runs_unchecked_and_refusals_are_explained(monkeypatch):
+    """checks_arguments=True: dequantize_4bit hands the arguments over as they are (no check_state
+    first); when the backend raises, check_state names the bad argument, and an error of good
+    arguments passes through unchanged."""
+    monkeypatch.setattr(backends, "_BACKENDS", {})
+    packed, state = quantize_4bit(torch.randn(4, 64))
+    seen = []
+
+    def strict(packed, state, dtype):
+        seen.append(packed.numel())
+        if packed.numel() != (state.numel + 1) // 2 or dtype not in (torch.float32, torch.float16):
+            raise RuntimeError("refused")                     # what a compiled check would say
+        if dtype == torch.float16:
+            raise MemoryError("out of memory")                # good arguments, a real failure
+        return torch.zeros(state.shape, dtype=dtype)
+    register_dequantize_backend("strict", lambda p, s, d: True, strict, checks_arguments=True)
+    assert (dequantize_4bit(packed, state) == 0).all()
+    with pytest.raises(ValueError, match="packed: 127 entries.*need 128"):
+        dequantize_4bit(packed[:-1], state)                   # reached the backend unchecked
+    assert seen == [128, 127]
+    with pytest.raises(MemoryError):
+        dequantize_4bit(packed, state, torch.float16)
+    with pytest.raises(TypeError, match="dtype must be"):
+        dequantize_4bit(packed, state, torch.int8)
+    with pytest.raises(TypeError, match="state must be a QuantState4bit"):
+        dequantize_4bit(packed, None)
 
 
 def test_old_names_are_gone():

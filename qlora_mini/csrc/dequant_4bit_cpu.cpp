@@ -8,11 +8,13 @@
 // - portable: the table from the shared per-element function qm_dequant_value; 8 packed bytes in
 //   and 16 outputs out per step, both through memcpy (a uint64_t* or uint4* view of a byte buffer
 //   would be undefined behaviour in C++);
-// - AVX-512 (BW): the same table on 16 lanes at once, and 32 outputs per permute instruction.
+// - AVX-512 (BW): the same table on 16 lanes at once, and 32 outputs per permute instruction
+//   (fewer instructions still with AVX512-VBMI and AVX512-BF16, where the CPU has them).
 //
 // Built just in time by qlora_mini.kernels (torch.utils.cpp_extension.load, g++ -O3
-// -march=native -ffp-contract=off -fopenmp); it includes no torch header and is called through
-// ctypes with the plain-C QmDequantArgs of dequant_4bit.h.
+// -march=native -ffp-contract=off -fopenmp) together with its torch binding,
+// dequant_4bit_cpu_binding.cpp; this file includes no torch header and takes the plain-C
+// QmDequantArgs of dequant_4bit.h (the tests also call it alone, through ctypes).
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -68,64 +70,93 @@ void dequant_blocks_scalar(const QmDequantArgs& a, int64_t b0, int64_t b1) {
 #if defined(__AVX512BW__)
 // The same blocks with AVX-512. The table is qm_dequant_value on 16 lanes at once: the same fp32
 // product (vmulps, never fused), the same rounding (bf16: the integer round-to-nearest-even of
-// qm_bf16_bits; fp16: vcvtps2ph, the IEEE conversion), bit for bit (tests/test_kernels.py checks
-// ties, subnormals and overflow). Then 32 outputs per permute: vpermw (16-bit), vpermd (32-bit).
+// qm_bf16_bits, or where the CPU has AVX512-BF16 its vcvtneps2bf16, which rounds the same except
+// for NaN and subnormals, so those take the integer path; fp16: vcvtps2ph, the IEEE conversion),
+// bit for bit (tests/test_kernels.py checks ties, subnormals and overflow). Then 32 outputs per
+// permute: vpermw (16-bit), vpermd (32-bit).
 inline __m512i nibbles_as_pairs(const uint8_t* in) {        // 16 bytes -> 16 lanes (hi | lo << 16)
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
     const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0xF));
     return _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(lo, 16));
 }
 
+#if defined(__AVX512VBMI__)
+// The same 32 word indices with two instructions: vpermb copies byte k into words 2k and 2k+1,
+// vpsrlvw shifts the even words right by 4. The odd words keep the whole byte: vpermw reads only
+// their low 5 bits, and the table repeats its 16 entries in words 16..31, so that is entry lo.
+inline __m512i nibbles_as_words(const uint8_t* in) {
+    const __m512i spread = _mm512_set_epi8(
+        0, 15, 0, 15, 0, 14, 0, 14, 0, 13, 0, 13, 0, 12, 0, 12, 0, 11, 0, 11, 0, 10, 0, 10,
+        0, 9, 0, 9, 0, 8, 0, 8, 0, 7, 0, 7, 0, 6, 0, 6, 0, 5, 0, 5, 0, 4, 0, 4,
+        0, 3, 0, 3, 0, 2, 0, 2, 0, 1, 0, 1, 0, 0, 0, 0);
+    const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+    const __m512i words = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, spread, bytes);
+    return _mm512_srlv_epi16(words, _mm512_set1_epi32(4));  // word shifts: 4, 0, 4, 0, ...
+}
+#else
+inline __m512i nibbles_as_words(const uint8_t* in) { return nibbles_as_pairs(in); }
+#endif
+
+inline __m512i twice(__m256i words) {                       // 16 words -> words 0..15, 0..15
+    const __m512i t = _mm512_castsi256_si512(words);
+    return _mm512_shuffle_i64x2(t, t, 0x44);
+}
+
 template <int kOut>
 inline __m512i table16(__m512 code, float absmax) {         // the 16 outputs' bits, one per lane
     const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(absmax));
     if (kOut == QM_FLOAT32) return _mm512_castps_si512(v);
-    if (kOut == QM_FLOAT16)
-        return _mm512_castsi256_si512(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (kOut == QM_FLOAT16) return twice(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#if defined(__AVX512BF16__)
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0xA1) == 0, 1))   // no NaN, no subnormal
+        return twice(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#endif
     const __m512i u = _mm512_castps_si512(v);               // bfloat16, as qm_bf16_bits
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
                                                   _mm512_set1_epi32(0x7F800000));
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r));
+    return twice(_mm512_cvtepi32_epi16(r));
+}
+
+// 32 outputs from 16 packed bytes and their block's table.
+template <typename Bits>
+inline void expand32(const uint8_t* in, Bits* out, __m512i table) {
+    if (sizeof(Bits) == 2) {
+        _mm512_storeu_si512(out, _mm512_permutexvar_epi16(nibbles_as_words(in), table));
+        return;
+    }
+    const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+    const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), table);
+    const __m512i lo = _mm512_permutexvar_epi32(b, table);   // vpermd reads the low 4 bits: lo
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi32(hi, first_half, lo));
+    _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi32(
+        hi, _mm512_add_epi32(first_half, _mm512_set1_epi32(8)), lo));
 }
 
 template <int kOut, bool DQ>
-void dequant_blocks(const QmDequantArgs& a, int64_t b0, int64_t b1) {
+void dequant_blocks(const QmDequantArgs& args, int64_t b0, int64_t b1) {
     typedef typename QmOut<kOut>::Bits Bits;
-    const int64_t bs = int64_t{1} << a.log2_blocksize;
+    const QmDequantArgs a = args;       // a copy: the compiler may keep it in registers, since
+    const int lb = a.log2_blocksize;    // writes through a.out can no longer change it
     const __m512 code = _mm512_loadu_ps(a.code);
-    const __m512i lo_mask = _mm512_set1_epi32(0xF);
-    const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
-    for (int64_t block = b0; block < b1; ++block) {
+    Bits* const out = static_cast<Bits*>(a.out);
+    const int64_t whole = (a.n >> lb) < b1 ? (a.n >> lb) : b1;   // blocks before a ragged one
+    for (int64_t block = b0; block < whole; ++block) {       // a whole block: bs/32 steps, no tail
         const __m512i table = table16<kOut>(code, qm_block_absmax<DQ>(a, block));
-        const int64_t first = block * bs;
-        const int64_t m = (a.n - first < bs) ? a.n - first : bs;   // the last block may be ragged
-        const uint8_t* in = a.packed + first / 2;
-        Bits* out = static_cast<Bits*>(a.out) + first;
-        int64_t i = 0;
-        for (; i + 32 <= m; i += 32) {                        // 16 bytes in, 32 outputs out
-            if (sizeof(Bits) == 2) {
-                _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(nibbles_as_pairs(in + i / 2), table));
-            } else {
-                const __m512i b = _mm512_cvtepu8_epi32(
-                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2)));
-                const __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), table);
-                const __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(b, lo_mask), table);
-                _mm512_storeu_si512(out + i, _mm512_permutex2var_epi32(hi, first_half, lo));
-                _mm512_storeu_si512(out + i + 16, _mm512_permutex2var_epi32(hi, second_half, lo));
-            }
-        }
-        if (i < m) {                                          // ragged tail of the tensor
-            alignas(64) Bits lut[32];
-            _mm512_store_si512(lut, table);
-            expand_scalar(in + i / 2, out + i, m - i, lut);
-        }
+        for (int64_t i = block << lb; i < (block + 1) << lb; i += 32)
+            expand32(a.packed + i / 2, out + i, table);
+    }
+    if (whole < b1 && whole >= b0) {                          // the ragged last block
+        alignas(64) Bits lut[64 / sizeof(Bits)];
+        _mm512_store_si512(lut, table16<kOut>(code, qm_block_absmax<DQ>(a, whole)));
+        const int64_t first = whole << lb;
+        expand_scalar(a.packed + first / 2, out + first, a.n - first, lut);
     }
 }
-#else
+#else  // without AVX-512: the portable loop
 template <int kOut, bool DQ>
 void dequant_blocks(const QmDequantArgs& a, int64_t b0, int64_t b1) {
     dequant_blocks_scalar<kOut, DQ>(a, b0, b1);
