@@ -183,14 +183,14 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     lib = raw_cpu_library()
     raw_args, _keep = kernel_checks._c_args(packed, state, raw_out)  # built once: the kernel alone
     threads = torch.get_num_threads()
-    err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads)
+    err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads, 0)
     if err or not torch.equal(raw_out, ours):
         raise AssertionError(f"{tuple(state.shape)} -> {dtype_name}: the kernel alone differs ({err})")
     del ours, theirs
     ms = shuffled_rounds_ms({
         "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
         "qlora_mini_out": lambda: kernels.dequantize_4bit_cpu(packed, state, dtype, out=out),
-        "kernel_only": lambda: lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads),
+        "kernel_only": lambda: lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads, 0),
         "bitsandbytes": lambda: F.dequantize_4bit(p_bnb, qs),
         "copy": lambda: dst.copy_(src),
         "clone": lambda: src.clone(),

@@ -190,7 +190,8 @@ def build_cpu_library(extra_cflags=()) -> ctypes.CDLL:
                 is_python_module=False, verbose=False)
     lib = ctypes.CDLL(path)
     lib.qlora_mini_dequantize_4bit_cpu.restype = ctypes.c_char_p
-    lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+    lib.qlora_mini_dequantize_4bit_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.c_int,
+                                                   ctypes.c_int]     # args, threads, fresh_out
     lib.qlora_mini_dequantize_4bit_cpu_isa.restype = ctypes.c_char_p
     return lib
 
@@ -199,7 +200,7 @@ def dequantize_4bit_raw(packed, state: QuantState4bit, dtype, out: torch.Tensor,
     """The CPU kernel of ``lib`` (from :func:`build_cpu_library`) into ``out``, through ctypes."""
     check_state(packed, state)
     a, keep = _c_args(packed, state, _out_buffer(state, dtype, packed.device, out))
-    err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads())
+    err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(a), torch.get_num_threads(), 0)
     if err:
         raise RuntimeError(err.decode())
     return out

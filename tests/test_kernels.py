@@ -189,6 +189,16 @@ def test_cpu_twin_bit_exact_vs_reference_and_by_hand(quant_type, dq):
             assert_bit_exact(kernels.dequantize_4bit_cpu(packed, state, dtype, out=shifted), want, case)
 
 
+def test_cpu_twin_large_fresh_output_is_bit_exact():
+    """An output of 8 MiB and more that the binding allocates is mapped in before it is written
+    (MADV_POPULATE_WRITE, one run per thread): the same values as the reference, every dtype."""
+    require_cpu_kernel()
+    packed, state = quantize_4bit(fresh((2048, 1100), 5), 64, "fp4", True)   # 9 MB in fp32
+    for dtype in DTYPES:
+        want = _dequantize_4bit_torch(packed, state, dtype)
+        assert_bit_exact(dequantize_4bit(packed, state, dtype), want)
+
+
 def test_cpu_twin_without_avx512_is_bit_exact_too():
     """The portable inner loop (the scalar per-element function, for CPUs without AVX-512),
     built with -mno-avx512f, on ragged sizes and every dtype."""

@@ -14,7 +14,8 @@
 
 #include "dequant_4bit_torch.h"
 
-extern "C" const char* qlora_mini_dequantize_4bit_cpu(const QmDequantArgs* args, int n_threads);
+extern "C" const char* qlora_mini_dequantize_4bit_cpu(const QmDequantArgs* args, int n_threads,
+                                                      int fresh_out);
 extern "C" const char* qlora_mini_quantize_4bit_cpu(const float* x, int64_t n, int log2_blocksize,
                                                     const float* cuts, const uint8_t* order,
                                                     uint8_t* packed, float* absmax, int n_threads);
@@ -33,7 +34,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& code, con
                 " of shape ", shape, ", got ", o.scalar_type(), " ", o.sizes());
     const QmDequantArgs a = qm::args_from_tensors(packed, code, absmax, nested_absmax, nested_code,
                                                   offset, blocksize, nested_blocksize, o);
-    const char* err = qlora_mini_dequantize_4bit_cpu(&a, at::get_num_threads());
+    const char* err = qlora_mini_dequantize_4bit_cpu(&a, at::get_num_threads(), !out.has_value());
     TORCH_CHECK(err == nullptr, "qlora_mini dequantize_4bit_cpu: ", err ? err : "");
     return o;
 }
