@@ -27,9 +27,11 @@ Peak memory: torch's CPU allocator is plain malloc, so we read the kernel's peak
 (VmHWM in /proc/self/status) in a fresh subprocess per side and dtype. Each child imports the
 same libraries, builds its model, returns the memory the build freed to the system (glibc's
 malloc_trim: otherwise the heap keeps what loading the fp32 checkpoint left, which differs by
-side and run), then resets the peak (writing 5 to /proc/self/clear_refs) and runs a few steps: ``train_peak_MB`` is the peak resident memory while training (libraries and
-model included), ``build_peak_MB`` the peak while loading and quantizing, ``baseline_MB`` the
-resident memory after the imports alone.
+side and run), then resets the peak (writing 5 to /proc/self/clear_refs) and runs a few steps:
+``train_peak_MB`` is the peak resident memory while training (libraries and model included),
+``build_peak_MB`` the peak while loading and quantizing, ``baseline_MB`` the resident memory after
+the imports alone. Each is the median of three such children per side and dtype (the sides take
+turns going first); one child's peak moves by several MB from run to run.
 
     python bench/step.py                 # ~4 minutes on 2 cores: writes bench/results/step-<machine>.json
     python bench/step.py --iters 5 --no-memory
@@ -141,16 +143,25 @@ def memory_child(side: str, dtype: str, folder: Path, vocab: int, steps: int) ->
             "model_resident_MB": resident / 1024, "train_peak_MB": _status_kb("VmHWM") / 1024}
 
 
-def measure_memory(folder: Path, vocab: int, steps: int = 3) -> dict:
-    out = {}
-    for dtype in DTYPES:
-        for side in BUILD:
-            cmd = [sys.executable, __file__, "--memory-child", side, "--dtype", dtype,
-                   "--dir", str(folder), "--vocab", str(vocab), "--steps", str(steps),
-                   "--threads", str(torch.get_num_threads())]
-            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            out.setdefault(dtype, {})[side] = json.loads(run.stdout.strip().splitlines()[-1])
-    return out
+def _memory_run(side: str, dtype: str, folder: Path, vocab: int, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", side, "--dtype", dtype, "--dir", str(folder),
+           "--vocab", str(vocab), "--steps", str(steps), "--threads", str(torch.get_num_threads())]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(folder: Path, vocab: int, steps: int = 3, repeats: int = 3) -> dict:
+    """Per dtype and side, the median of ``repeats`` fresh children, field by field (one child's
+    peak moves by several MB from run to run), with every child's numbers under "runs". The sides
+    take turns going first."""
+    runs = {}
+    for k in range(repeats):
+        for dtype in DTYPES:
+            for side in (list(BUILD) if k % 2 == 0 else list(BUILD)[::-1]):
+                one = _memory_run(side, dtype, folder, vocab, steps)
+                runs.setdefault(dtype, {}).setdefault(side, []).append(one)
+    return {dtype: {side: {**{f: statistics.median(r[f] for r in rs) for f in rs[0]}, "runs": rs}
+                    for side, rs in sides.items()} for dtype, sides in runs.items()}
 
 
 def measure_time(folder: Path, vocab: int, warmup: int, iters: int) -> dict:
@@ -204,8 +215,10 @@ def commit() -> str | None:
         run = subprocess.run(["git", *args], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent)
         return run.stdout.strip() if run.returncode == 0 else None
-    head = git("rev-parse", "--short", "HEAD")
-    return head and head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    head = git("rev-parse", "--short", "HEAD")       # results files written here do not count
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                ":(top,exclude)bench/results")
+    return head and head + ("+dirty" if dirty else "")
 
 
 def versions() -> dict:
