@@ -33,7 +33,7 @@ side and run), then resets the peak (writing 5 to /proc/self/clear_refs) and run
 the imports alone. Each is the median of three such children per side and dtype (the sides take
 turns going first); one child's peak moves by several MB from run to run.
 
-    python bench/step.py                 # ~4 minutes on 2 cores: writes bench/results/step-<machine>.json
+    python bench/step.py                 # ~5 minutes on 2 cores: writes bench/results/step-<machine>.json
     python bench/step.py --iters 5 --no-memory
 """
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=20)  # timed rounds: medians of 10 moved by ~10%
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/step-<machine>.json)")
