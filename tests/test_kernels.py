@@ -10,6 +10,8 @@
 (d) CPU tests of the dispatch and query logic.
 Bit-exact means equal bit patterns (int views), so -0.0 vs +0.0 and NaN payloads count.
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,20 @@ def test_cpu_twin_large_fresh_output_is_bit_exact():
     for dtype in DTYPES:
         want = _dequantize_4bit_torch(packed, state, dtype)
         assert_bit_exact(dequantize_4bit(packed, state, dtype), want)
+
+
+def test_cpu_twin_reads_strided_views():
+    """Packed codes and constants that are views with strides (as slices of larger tensors) give
+    the same values as their dense copies."""
+    require_cpu_kernel()
+    packed, state = quantize_4bit(fresh((6, 200), 4), 64, "nf4", True)
+    wide = torch.stack([packed, packed ^ 0xFF], dim=1)[:, 0]             # stride 2
+    assert not wide.is_contiguous()
+    codes = torch.stack([state.code, -state.code], dim=1)[:, 0]
+    strided = replace(state, code=codes, absmax=torch.stack([state.absmax] * 2, 1)[:, 1])
+    for dtype in DTYPES:
+        want = _dequantize_4bit_torch(packed, state, dtype)
+        assert_bit_exact(dequantize_4bit(wide, strided, dtype), want)
 
 
 def test_cpu_twin_without_avx512_is_bit_exact_too():

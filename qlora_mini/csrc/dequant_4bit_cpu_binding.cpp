@@ -32,8 +32,15 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& code, con
     at::Tensor o = out.has_value() ? *out : at::empty(shape, at::TensorOptions().dtype(dtype));
     TORCH_CHECK(o.sizes() == shape && o.scalar_type() == dtype, "out must be ", dtype,
                 " of shape ", shape, ", got ", o.scalar_type(), " ", o.sizes());
-    const QmDequantArgs a = qm::args_from_tensors(packed, code, absmax, nested_absmax, nested_code,
-                                                  offset, blocksize, nested_blocksize, o);
+    // Inputs may be strided views: dense copies (the tensors themselves when already dense),
+    // held here until the kernel has run.
+    auto dense = [](const std::optional<at::Tensor>& t) {
+        return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+    };
+    const at::Tensor p = packed.contiguous(), c = code.contiguous(), am = absmax.contiguous();
+    const auto na = dense(nested_absmax), nc = dense(nested_code), off = dense(offset);
+    const QmDequantArgs a = qm::args_from_tensors(p, c, am, na, nc, off, blocksize,
+                                                  nested_blocksize, o);
     const char* err = qlora_mini_dequantize_4bit_cpu(&a, at::get_num_threads(), !out.has_value());
     TORCH_CHECK(err == nullptr, "qlora_mini dequantize_4bit_cpu: ", err ? err : "");
     return o;
