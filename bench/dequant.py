@@ -250,11 +250,15 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
                   qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
                   qlora_mini_out_call="kernels.dequantize_4bit_cpu(..., out=out), out reused",
-                  kernel_only_call="the compiled function through ctypes, its arguments built once "
-                                   "(no Python checks or marshalling per call), out reused",
+                  kernel_only_call="the same kernel source built alone (no binding), through "
+                                   "ctypes, its arguments built once (no Python or binding per "
+                                   "call), out reused",
                   copy_call="dst.copy_(src), preallocated, output size and dtype",
                   clone_call="src.clone(), allocates, output size and dtype")
-    return dict(kind="cpu", device=kernels.cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step import commit  # bench/step.py: HEAD, "+dirty" when code differs from it
+    return dict(kind="cpu", device=kernels.cpu_name(), cores=os.cpu_count(),
+                threads=torch.get_num_threads(), torch=torch.__version__, commit=commit(),
                 bitsandbytes=bitsandbytes.__version__, qlora_mini=qlora_mini.__version__,
                 kernel_path=kernels.active_path("cpu"), python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -42,3 +42,21 @@ def test_one_cpu_configuration(bench):
                               "copy", "clone"}
     assert row["kernel_only_vs_copy"] == pytest.approx(row["ms"]["copy"] / row["ms"]["kernel_only"])
     assert row["vs_clone"] == pytest.approx(row["ms"]["clone"] / row["ms"]["qlora_mini"])
+
+
+def test_cpu_record_names_machine_versions_and_commit(bench):
+    """run_cpu's record: every configuration of a size, and what made it (machine, versions,
+    the commit, git's HEAD as `git rev-parse` reports it independently)."""
+    import subprocess
+
+    from qlora_mini import kernels
+    if not kernels.cpu_available():
+        pytest.skip("the CPU twin did not build on this machine")
+    record = bench.run_cpu(sizes=[(32, 64)], warmup=0, iters=1, dtypes=("float16",))
+    assert len(record["results"]) == 4                                # nf4/fp4 x dq on/off
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    if head:                                                          # a git checkout
+        assert record["commit"].split("+")[0] == head
+    assert record["kind"] == "cpu" and record["device"] == kernels.cpu_name()
+    assert record["bitsandbytes"] and record["torch"] == torch.__version__
