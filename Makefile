@@ -1,6 +1,11 @@
 # The two commands of the README: `make book` and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 STAMP := .venv/.setup-stamp
+# Python caches each module it imports as bytecode (.pyc) in .venv, once, for every later process.
+# CI's machines set PYTHONDONTWRITEBYTECODE, which would make every process (a test's subprocess,
+# each notebook's kernel) compile torch & co. anew; within these targets it is unset. (Compiling
+# all of site-packages up front instead took 37 s of a 2-core set-up.)
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup book student test unit export check-export notebooks clean
 

@@ -10,15 +10,18 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv --system-site-packages .venv
 fi
-# pip byte-compiles what it installs one file at a time; here it installs without (--no-compile)
-# and compileall then compiles the venv's packages on every core. The .pyc files must exist up
-# front: with PYTHONDONTWRITEBYTECODE set (as on CI's machines) Python never caches them later,
-# and every process would compile transformers & co. again.
+# pip byte-compiles what it installs one file at a time; here it installs without (--no-compile),
+# and Python caches each module's bytecode when it is first imported. Only where
+# PYTHONDONTWRITEBYTECODE is set (the Makefile unsets it; CI's machines set it) would it never
+# cache them, and every process would compile transformers & co. again: then compileall compiles
+# the venv's packages up front, on every core.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --progress-bar off --no-compile torch==2.13.0
 fi
 .venv/bin/pip install --progress-bar off --no-compile -r requirements.txt
-.venv/bin/python -m compileall -q -j 0 .venv/lib/python3*/site-packages >/dev/null || true
+if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then
+  .venv/bin/python -m compileall -q -j 0 .venv/lib/python3*/site-packages >/dev/null || true
+fi
 
 # The book's browser test (tests/test_browser.py) drives Debian's Chromium with Playwright, which
 # downloads no browser of its own. Installed only when missing and apt-get can run (as root, or
