@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)  # timed rounds: medians of 10 moved by ~10%
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/step-<machine>.json)")
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/step-<machine>.json, "
+                    "-<N>t before .json with --threads N other than the core count)")
     ap.add_argument("--memory-child", choices=list(BUILD), help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -281,7 +282,8 @@ def main(argv=None) -> int:
               f"{res['reference']['tokens_per_s']:7.0f} tok/s, ratio {res['ratio']:.2f}; CPU ms "
               f"{cpu['qlora_mini']:.0f} vs {cpu['reference']:.0f}; "
               f"train peak MB {peaks['qlora_mini']:.0f} vs {peaks['reference']:.0f}")
-    out = args.out or RESULTS / f"step-{machine_slug(info)}.json"
+    threads = f"-{args.threads}t" if args.threads and args.threads != os.cpu_count() else ""
+    out = args.out or RESULTS / f"step-{machine_slug(info)}{threads}.json"   # e.g. ...-2c-1t.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
