@@ -63,8 +63,8 @@ def _cache_dir() -> Path:
 
 
 def _sources_hash(*extra: str) -> str:
-    data = b"".join(p.read_bytes() for p in (KERNEL_SRC, HEADER_SRC, CORE_SRC, BINDING_SRC, CPU_SRC,
-                                                    CPU_BINDING_SRC, TORCH_ARGS_SRC))
+    sources = (KERNEL_SRC, HEADER_SRC, CORE_SRC, BINDING_SRC, CPU_SRC, CPU_BINDING_SRC, TORCH_ARGS_SRC)
+    data = b"".join(p.read_bytes() for p in sources)
     return hashlib.sha256(data + "|".join(extra).encode()).hexdigest()[:12]
 
 
