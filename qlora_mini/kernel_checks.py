@@ -160,16 +160,13 @@ class _Args(ctypes.Structure):
 
 def _c_args(packed, state: QuantState4bit, out: torch.Tensor) -> tuple[_Args, list]:
     """QmDequantArgs for CPU tensors, and the contiguous tensors it points into (keep them alive).
-    check_state has checked sizes and the absmax dtype; the float32 tables are checked here."""
+    Chapter 3's check_state checks sizes, dtypes and devices; here only that they are the CPU's."""
+    check_state(packed, state)
+    if not packed.is_cpu:
+        raise TypeError(f"packed and its state must be CPU tensors, got {packed.device}")
     dq = state.double_quant                              # absmax: fp32 values or uint8 indices
     tables = ((state.code, state.nested_code, state.nested_absmax, state.offset) if dq
               else (state.code,))
-    for t in tables:
-        if t.dtype != torch.float32 or not t.is_cpu:
-            raise TypeError("state.code, .nested_code, .nested_absmax, .offset must be float32 "
-                            f"CPU tensors, got {[(t.dtype, t.device.type) for t in tables]}")
-    if state.code.numel() != 16 or (dq and state.nested_code.numel() != 256):
-        raise ValueError("state.code must hold 16 values and state.nested_code 256")
     keep = [t.contiguous() for t in (packed, state.absmax, *tables)]
     p = [t.data_ptr() for t in keep]
     tail = (out.data_ptr(), math.prod(state.shape), state.blocksize.bit_length() - 1,
