@@ -258,6 +258,8 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from step import commit  # bench/step.py: HEAD, "+dirty" when code differs from it
     return dict(kind="cpu", device=kernels.cpu_name(), cores=os.cpu_count(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),  # torch's dispatch
+                bitsandbytes_cpu_path="AVX-512" if F.lib.has_avx512f_cpu() else "AVX2/scalar",
                 threads=torch.get_num_threads(), torch=torch.__version__, commit=commit(),
                 bitsandbytes=bitsandbytes.__version__, qlora_mini=qlora_mini.__version__,
                 kernel_path=kernels.active_path("cpu"), python=platform.python_version(),
@@ -269,6 +271,8 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
 def save(record: dict, outdir: Path = RESULTS) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record["device"]).strip("-").lower()
+    if record.get("cpu_capability", "AVX512") != "AVX512":   # e.g. make test-avx2's capped CPU
+        slug += f"-{record['cpu_capability'].lower()}"
     prefix = "dequant_cpu" if record.get("kind") == "cpu" else "dequant"
     path = outdir / f"{prefix}_{slug}_{record['date'][:10]}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

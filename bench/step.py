@@ -150,13 +150,14 @@ def _memory_run(side: str, dtype: str, folder: Path, vocab: int, steps: int) -> 
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(folder: Path, vocab: int, steps: int = 3, repeats: int = 3) -> dict:
+def measure_memory(folder: Path, vocab: int, steps: int = 3, repeats: int = 3,
+                   dtypes=tuple(DTYPES)) -> dict:
     """Per dtype and side, the median of ``repeats`` fresh children, field by field (one child's
     peak moves by several MB from run to run), with every child's numbers under "runs". The sides
     take turns going first."""
     runs = {}
     for k in range(repeats):
-        for dtype in DTYPES:
+        for dtype in dtypes:
             for side in (list(BUILD) if k % 2 == 0 else list(BUILD)[::-1]):
                 one = _memory_run(side, dtype, folder, vocab, steps)
                 runs.setdefault(dtype, {}).setdefault(side, []).append(one)
@@ -164,10 +165,11 @@ def measure_memory(folder: Path, vocab: int, steps: int = 3, repeats: int = 3) -
                     for side, rs in sides.items()} for dtype, sides in runs.items()}
 
 
-def measure_time(folder: Path, vocab: int, warmup: int, iters: int) -> dict:
+def measure_time(folder: Path, vocab: int, warmup: int, iters: int,
+                 dtypes=tuple(DTYPES)) -> dict:
     """Median step time of both sides, interleaved in one process, per compute dtype."""
     inputs, out = batch(vocab), {}
-    for name, dtype in DTYPES.items():
+    for name, dtype in ((name, DTYPES[name]) for name in dtypes):
         built = {side: build(folder, dtype) for side, build in BUILD.items()}
         first_loss = {side: train_step(*built[side], inputs) for side in built}
         for _ in range(warmup - 1):
@@ -205,8 +207,10 @@ def machine() -> dict:
 
 
 def machine_slug(info: dict) -> str:
-    """'intel-r-xeon-r-processor-2c': the CPU model and the number of cores, for file names."""
-    return re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-") + f"-{info['cores']}c"
+    """'intel-r-xeon-r-processor-2c': the CPU model and the number of cores, for file names, and
+    torch's dispatch where it is capped below AVX-512 ('...-2c-avx2': make test-avx2's CPU)."""
+    capped = "" if info["cpu_capability"] == "AVX512" else f"-{info['cpu_capability'].lower()}"
+    return re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-") + f"-{info['cores']}c{capped}"
 
 
 def commit() -> str | None:
@@ -239,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)  # timed rounds: medians of 10 moved by ~10%
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                    help="compute dtypes to measure (bf16 is emulated, ~70x slower, on AVX2)")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/step-<machine>.json, "
                     "-<N>t before .json with --threads N other than the core count)")
     ap.add_argument("--memory-child", choices=list(BUILD), help=argparse.SUPPRESS)
@@ -260,8 +266,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "llama-4x512"
         save_model(folder, args.vocab)
-        timing = measure_time(folder, args.vocab, args.warmup, args.iters)
-        memory = {} if args.no_memory else measure_memory(folder, args.vocab)
+        timing = measure_time(folder, args.vocab, args.warmup, args.iters, args.dtypes)
+        memory = {} if args.no_memory else measure_memory(folder, args.vocab, dtypes=args.dtypes)
     info = machine()
     result = {
         "benchmark": "QLoRA training step, qlora_mini vs transformers + bitsandbytes + PEFT",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_mini.kernels import (BINDING_SRC, CPU_CFLAGS, CPU_SRC, CSRC, KERNEL_SRC, _cache_dir,
+from qlora_mini.kernels import (BINDING_SRC, CPU_SRC, CSRC, KERNEL_SRC, _cache_dir, cpu_cflags,
                                 _cpu_model, _out_buffer, _sources_hash)
 from qlora_mini.storage import QuantState4bit, check_state
 
@@ -180,7 +180,7 @@ def build_cpu_library(extra_cflags=()) -> ctypes.CDLL:
     """JIT-build csrc/dequant_4bit_cpu.cpp alone, without the torch binding, with
     torch.utils.cpp_extension.load (cached under a name hashing the sources, flags and CPU)."""
     from torch.utils.cpp_extension import load
-    flags = [*CPU_CFLAGS, *extra_cflags]
+    flags = [*cpu_cflags(), *extra_cflags]
     tag = _sources_hash(*flags, platform.machine(), _cpu_model())
     path = load(name=f"qlora_mini_dequant_4bit_cpu_{tag}", sources=[str(CPU_SRC)],
                 extra_include_paths=[str(CSRC)], extra_cflags=flags, extra_ldflags=["-fopenmp"],

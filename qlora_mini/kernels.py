@@ -44,6 +44,15 @@ CPU_BINDING_SRC = CSRC / "dequant_4bit_cpu_binding.cpp"  # its torch side
 TORCH_ARGS_SRC = CSRC / "dequant_4bit_torch.h"  # tensors -> QmDequantArgs, for both bindings
 CPU_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # no FMA: bit-exactness
 
+
+def cpu_cflags() -> list[str]:
+    """CPU_CFLAGS for this process. Where torch dispatches below AVX-512 on an x86 CPU (a CPU
+    without it, or ATEN_CPU_CAPABILITY=avx2 capping one with it), the twin is built without
+    AVX-512 too (-mno-avx512f): the portable loop, as on a student's AVX2 laptop."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    capped = x86 and torch.backends.cpu.get_cpu_capability() != "AVX512"
+    return CPU_CFLAGS + (["-mno-avx512f"] if capped else [])
+
 _ext = None     # the built torch extension
 _error = None   # why there is none (a string), once we tried
 
@@ -154,7 +163,7 @@ _cpu_error = None   # why there is none (a string), once we tried
 
 def _build_cpu():
     """Build (or load from torch's extension cache) the CPU twin once; warn once on failure. The
-    name carries a hash of the sources, the flags and this CPU's model (-march=native)."""
+    name carries a hash of the sources, the flags (cpu_cflags) and this CPU's model (-march=native)."""
     global _cpu_ext, _cpu_error
     if _cpu_ext is not None or _cpu_error is not None:
         return _cpu_ext
@@ -163,10 +172,11 @@ def _build_cpu():
         return None
     try:
         from torch.utils.cpp_extension import load
-        tag = _sources_hash(*CPU_CFLAGS, platform.machine(), _cpu_model())
+        flags = cpu_cflags()
+        tag = _sources_hash(*flags, platform.machine(), _cpu_model())
         _cpu_ext = load(name=f"qlora_mini_dequant_4bit_cpu_ext_{tag}",
                         sources=[str(CPU_BINDING_SRC), str(CPU_SRC)], extra_include_paths=[str(CSRC)],
-                        extra_cflags=CPU_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+                        extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001  (any build failure means: use the PyTorch reference)
         _cpu_error = _build_failed("CPU", e)
     return _cpu_ext

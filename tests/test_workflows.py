@@ -52,10 +52,12 @@ def test_actionlint_finds_a_broken_workflow(tmp_path):
     assert run.returncode == 1 and "tpu" in run.stdout and "nope" in run.stdout, run.stdout
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_in_both_cpu_classes():
     job = workflow("ci.yml")["jobs"]["test"]
     assert job["runs-on"] == "ubuntu-latest" and "make test" in (ROOT / "README.md").read_text()
-    assert steps(job).splitlines()[-1] == "make test"
+    assert job["strategy"]["matrix"]["target"] == ["test", "test-avx2"]
+    assert steps(job).splitlines()[-1] == "make ${{ matrix.target }}"
+    assert (ROOT / ".ci" / "run").read_text().splitlines()[-2:] == ["make test", "make test-avx2"]
 
 
 def test_gpu_runs_tests_lab_and_uploads_results():
