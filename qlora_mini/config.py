@@ -37,7 +37,7 @@ class _AdapterKnobs(_InputKnobs):
     quantize: bool = True              # False: plain LoRA on a 16/32-bit base
     quant_type: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"        # auto: bfloat16 where native, else float32 (utils)
     dtype_policy: str = "reference"    # reference (qlora.py --bf16) | fp32 (fp32 adapters, PEFT's)
     lora_r: int = 64
     lora_alpha: float = 16.0
@@ -113,7 +113,7 @@ def load_config(config: str = "default", overrides: dict | None = None) -> Train
 
 
 ALLOWED = {"dataset_format": ("auto", "oasst", "alpaca", "input-output"),
-           "quant_type": ("nf4", "fp4"), "compute_dtype": ("float32", "bfloat16", "float16"),
+           "quant_type": ("nf4", "fp4"), "compute_dtype": ("auto", "float32", "bfloat16", "float16"),
            "dtype_policy": ("reference", "fp32"),
            "optim": ("paged_adamw_32bit", "adamw_torch"),
            "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine")}

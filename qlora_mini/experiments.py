@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from qlora_mini.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
 from qlora_mini.family import FAMILY, family_model_dir, family_parameters
-from qlora_mini.model import (MODEL_CONFIG, TRAIN_CONFIG, load_model, load_tokenizer,
-                              stdlib_corpus, token_stream)
+from qlora_mini.model import (MODEL_CONFIG, TRAIN_CONFIG, cache_dir, default_model_dir,
+                              load_model, load_tokenizer, shipped_model_dir, stdlib_corpus,
+                              token_stream, weights_sha256)
 
 
 def provenance() -> dict:
@@ -29,6 +30,7 @@ def provenance() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
     return dict(machine=dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, platform=platform.platform(),
+                             cpu_capability=torch.backends.cpu.get_cpu_capability(),
                              load_average=list(os.getloadavg())),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               **{p: version(p) for p in ("transformers", "bitsandbytes")}),
@@ -68,17 +70,28 @@ def _load_model(size: str, seed: int, device: str, root=None, train=None):
         built = (path / "pretraining.json").stat().st_mtime >= t0          # not from the cache
         info = dict(parameters=family_parameters(size), model_config={**MODEL_CONFIG, **FAMILY[size]},
                     train_config={**TRAIN_CONFIG, **(train or {}), "seed": seed},
-                    model_dir=path.name,
+                    model_dir=path.name, weights_sha256=weights_sha256(path),
                     pretraining_heldout_ppl=json.loads((path / "pretraining.json").read_text())
                     ["heldout_perplexity"])
     else:
-        path, info, built = size, dict(hub_id=size), False
+        local = Path(size).is_dir()                   # a local folder's weights can be named
+        path, built = size, False
+        info = dict(hub_id=size, weights_sha256=weights_sha256(size) if local else None)
     info["pretrain_s"] = time.time() - t0 if size in FAMILY and built else None
     model = load_model(path, dtype=torch.float32).to(device).eval()
     return model, load_tokenizer(path), info
 
 
 EVAL_TOKENS = 32768  # held-out tokens scored: 256 windows of 128, as Appendix A's perplexity
+
+
+def _same_weights(path: Path, result: dict, sha: str | None, done: str = "entries") -> None:
+    """Refuse to resume a file whose `done` part (entries, runs) was measured on other weights
+    (or on weights it does not name): a resumed sweep must score one model."""
+    if result.get(done) and result.get("weights_sha256", "unnamed") != sha:
+        raise ValueError(f"{path} holds {done} measured on weights "
+                         f"{str(result.get('weights_sha256', 'it does not name'))[:12]}, not on "
+                         f"these ({str(sha)[:12]}): move it aside to start over")
 
 
 def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="results/datatypes",
@@ -89,6 +102,7 @@ def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="resul
     after each entry and finished entries are skipped on a rerun."""
     out, result = _result_file(size, seed, out_dir, train)
     model, tokenizer, info = _load_model(size, seed, device, root, train)
+    _same_weights(out, result, info["weights_sha256"])
     if result.get("pretrain_s") is not None:                               # from an earlier run
         info["pretrain_s"] = result["pretrain_s"]
     t0 = time.time()
@@ -111,26 +125,68 @@ def run_datatypes(size: str, seed: int = 0, blocksizes=(64, 256), out_dir="resul
     return result
 
 
-def main(argv=None) -> int:
+def run_rebuild(seeds=(0,), out_dir="results/rebuild", progress: bool = True) -> dict:
+    """Pretrain the default recipe from scratch for each seed (never the shipped weights) and
+    score it and the shipped model on the held-out windows. Resumable, one seed at a time."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    out = Path(out_dir) / f"{capability.lower()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out.read_text()) if out.exists() else dict(rebuilds={})
+    shipped = shipped_model_dir()
+    tokenizer = load_tokenizer(shipped)
+    ids = token_stream(tokenizer, stdlib_corpus(TRAIN_CONFIG["heldout_every"])[1])[:EVAL_TOKENS]
+
+    def score(path) -> list:
+        model = load_model(path, dtype=torch.float32).eval()
+        return [round(v, 6) for v in window_nll(model, ids, TRAIN_CONFIG["seq_len"]).tolist()]
+
+    result.update(shipped=dict(weights_sha256=weights_sha256(shipped), nll=score(shipped)),
+                  **provenance())
+    for seed in tqdm(seeds, desc="rebuild", disable=not progress):
+        if str(seed) in result["rebuilds"]:
+            continue
+        t0 = time.time()
+        path = default_model_dir(train_config=dict(seed=seed), root=cache_dir() /
+                                 f"rebuild-{capability.lower()}", progress=progress, shipped=False)
+        result["rebuilds"][str(seed)] = dict(weights_sha256=weights_sha256(path), nll=score(path),
+                                             wall_s=time.time() - t0, model_dir=path.name)
+        _write(out, result)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qlora_mini.experiments",
                                      description="Run a book experiment; results go to JSON.")
-    parser.add_argument("experiment", choices=["datatypes"])
+    parser.add_argument("experiment", choices=["datatypes", "rebuild"])
     parser.add_argument("--sizes", nargs="+", default=["h128-l4", "h160-l6", "h192-l6"],
                         help=f"family sizes ({', '.join(FAMILY)}) or hub model ids")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--blocksizes", nargs="+", type=int, default=[64, 256])
-    parser.add_argument("--out", default="results/datatypes")
+    parser.add_argument("--out", help="results folder (default: results/EXPERIMENT)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, help="pretraining steps (default: the recipe's)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     train = {k: v for k, v in dict(steps=args.steps, threads=args.threads).items() if v}
     torch.set_num_threads(args.threads or TRAIN_CONFIG["threads"])
-    for size in args.sizes:
-        for seed in args.seeds:
-            r = run_datatypes(size, seed, tuple(args.blocksizes), args.out, args.device,
-                              train=train)
-            print(f"{size} seed {seed}: {len(r['entries'])} entries, {r['wall_s']:.0f} s", flush=True)
+    try:
+        if args.experiment == "rebuild":
+            r = run_rebuild(args.seeds, args.out or "results/rebuild")
+            print(f"rebuilt seeds {sorted(r['rebuilds'])}", flush=True)
+            return 0
+        for size in args.sizes:
+            for seed in args.seeds:
+                r = run_datatypes(size, seed, tuple(args.blocksizes),
+                                  args.out or "results/datatypes", args.device, train=train)
+                print(f"{size} seed {seed}: {len(r['entries'])} entries, {r['wall_s']:.0f} s",
+                      flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

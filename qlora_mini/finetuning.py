@@ -19,12 +19,12 @@ from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import collate, pad_token_id
 from qlora_mini.datatypes import quantize_linears
 from qlora_mini.evaluate import eval_loss, make_stdlib_mcq, mcq_accuracy
-from qlora_mini.experiments import _write, provenance
+from qlora_mini.experiments import _same_weights, _write, provenance
 from qlora_mini.family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.lora import add_lora, enable_gradient_checkpointing
 from qlora_mini.memory import count_parameters, meta_model, qlora_memory, storage_bytes
-from qlora_mini.model import load_model, load_tokenizer
+from qlora_mini.model import load_model, load_tokenizer, weights_sha256
 from qlora_mini.recipe import build_model, lr_factor, make_optimizer
 from qlora_mini.train import Run, TrainingDiverged, tokenized_splits, train_step
 
@@ -164,7 +164,9 @@ def run_sweep(size: str, sweep: str, seeds=(0, 1, 2), out_dir="results/finetunin
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if out.exists() else dict(size=size, runs={})
     model = base_model_dir(size)
-    result.update(provenance(), budget=BUDGET, learning_rates=LEARNING_RATES,
+    sha = weights_sha256(model) if Path(model).is_dir() else None
+    _same_weights(out, result, sha, "runs")           # a resumed sweep trains on one model
+    result.update(provenance(), budget=BUDGET, learning_rates=LEARNING_RATES, weights_sha256=sha,
                   parameters=family_parameters(size) if size in FAMILY else None)
     mcq = make_stdlib_mcq(Path(tempfile.mkdtemp()) / "mcq")
     todo = [k for k in runs(sweep, seeds) if run_key(*k) not in result["runs"]]
@@ -248,7 +250,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     for size in args.sizes:
         for sweep in args.sweeps:
-            r = run_sweep(size, sweep, tuple(args.seeds), args.out)
+            try:
+                r = run_sweep(size, sweep, tuple(args.seeds), args.out)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             print(f"{size} {sweep}: {len(r['runs'])} runs in the file", flush=True)
     return 0
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from qlora_mini.storage import (FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState4bit,
                                 check_bnb_blocksize, dequantize_4bit, quantize_4bit,
                                 storage_nbytes)
-from qlora_mini.utils import add_to_class, ceil_div
+from qlora_mini.utils import add_to_class, ceil_div, default_compute_dtype
 
 
 STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")  # tensors of a state
@@ -76,12 +76,12 @@ def _check_options(quant_type, blocksize, compute_dtype, quant_storage=torch.uin
 
 class Linear4bit(nn.Module):
     """A linear layer whose frozen weight is stored in 4 bits (NF4 or FP4, optionally with double
-    quantization); forward computes in ``compute_dtype`` and returns that dtype."""
+    quantization); forward computes in ``compute_dtype`` (None: utils.default_compute_dtype)."""
 
     def __init__(self, in_features, out_features, bias=True, *, quant_type="nf4", double_quant=True,
-                 blocksize=64, compute_dtype=torch.bfloat16, quant_storage=torch.uint8,
-                 device=None):
+                 blocksize=64, compute_dtype=None, quant_storage=torch.uint8, device=None):
         super().__init__()
+        compute_dtype = compute_dtype or default_compute_dtype(device or "cpu")
         _check_options(quant_type, blocksize, compute_dtype, quant_storage)
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.double_quant, self.blocksize = quant_type, double_quant, blocksize
@@ -152,11 +152,12 @@ def dequantize(self, dtype=None) -> torch.Tensor:
 
 @add_to_class(Linear4bit)
 @classmethod
-def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=None,
                 blocksize=64, quant_storage=torch.uint8):
     """A Linear4bit holding linear's weight in 4 bits and a frozen copy of its bias."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    compute_dtype = compute_dtype or default_compute_dtype(linear.weight.device)
     layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                 compute_dtype=compute_dtype, quant_storage=quant_storage, device="meta")
@@ -236,7 +237,7 @@ def replace_module(model, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def quantize_model(model, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+def quantize_model(model, quant_type="nf4", double_quant=True, compute_dtype=None,
                    blocksize=64, skip=("lm_head",), quant_storage=torch.uint8):
     """Replace (in place) every nn.Linear of model whose qualified name does not end with a name in
     skip by a Linear4bit with the same weight and bias; freeze everything. Returns model."""

@@ -13,6 +13,7 @@ from qlora_mini.kernels import cpu_available, quantize_blocks_cpu
 from qlora_mini.linear4bit import STATE_FIELDS, Linear4bit, linear_layer_names, replace_module
 from qlora_mini.quantization import round_to_code
 from qlora_mini.storage import QuantState4bit, blockwise_absmax, double_quantize, pack_nibbles
+from qlora_mini.utils import default_compute_dtype
 
 
 def quantize_4bit_chunked(W, blocksize=64, quant_type="nf4", double_quant=True,
@@ -137,16 +138,16 @@ def assign_tensor(model, key, t, dtype, device) -> bool:
 
 
 @torch.no_grad()
-def load_4bit(name_or_path, *, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16,
+def load_4bit(name_or_path, *, quant_type="nf4", double_quant=True, compute_dtype=None,
               device=None, blocksize=64, skip=("lm_head",)):
     """A causal LM from a safetensors checkpoint (folder or hub id) straight into 4 bits on
-    ``device`` (default: CUDA if available): every linear weight but those named in ``skip`` is
-    quantized there and freed, everything else is placed in compute_dtype; peak host memory is
-    the finished model plus one weight in flight. A checkpoint already in transformers'
-    bitsandbytes 4-bit format (save_4bit's, or a ``*-bnb-4bit`` one) loads as stored, with its
-    own quant_type and double_quant. Returns the model in eval mode."""
+    ``device`` (default: CUDA if available), one weight in flight on the host: every linear weight
+    but those in ``skip`` is quantized there and freed, the rest placed in compute_dtype (None:
+    utils.default_compute_dtype). A checkpoint in transformers' bitsandbytes 4-bit format
+    (save_4bit's, a ``*-bnb-4bit`` one) loads as stored. Returns the model in eval mode."""
     from transformers import AutoConfig
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = compute_dtype or default_compute_dtype(device)
     folder = checkpoint_dir(name_or_path)
     shards, config = shard_files(folder), AutoConfig.from_pretrained(folder)
     pre = quantized_layers(shards)

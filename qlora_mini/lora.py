@@ -91,7 +91,7 @@ def _output_in_input_dtype(module, args, output):
 
 def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
                   target_modules="all-linear", quant_type: str = "nf4", double_quant: bool = True,
-                  compute_dtype=torch.bfloat16, gradient_checkpointing: bool = True,
+                  compute_dtype=None, gradient_checkpointing: bool = True,  # None: bf16 if native
                   dtype_policy: str = "reference"):
     """QLoRA in place: a frozen 4-bit base (unless load_4bit made it), LoRALinear on the targets,
     the rest frozen and cast by dtype_policy (qlora_mini.policy); input grads, checkpointing on."""
@@ -102,7 +102,7 @@ def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
         raise ValueError("model already has LoRA adapters: to change them, load a fresh model")
     targets = linear_layer_names(model, target_modules)  # validate before changing anything
     if not any(isinstance(m, Linear4bit) for m in model.requires_grad_(False).modules()):
-        quantize_model(model, quant_type, double_quant, compute_dtype)
+        quantize_model(model, quant_type, double_quant, compute_dtype)  # None: chapter 5's default
     add_lora(model, targets, r, alpha, dropout, apply_dtype_policy(model, dtype_policy, compute_dtype))
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
     for m in model.modules():                          # 4-bit layers without an adapter return

@@ -2,6 +2,7 @@
 # Appendix A — The default model
 import contextlib
 import hashlib
+from importlib.resources import files
 import json
 import os
 from pathlib import Path
@@ -146,10 +147,37 @@ def recipe_hash(model_config: dict, train_config: dict, texts) -> str:
     return h.hexdigest()[:12]
 
 
+SHIPPED = Path(files("qlora_mini").joinpath("models"))  # the shipped weights (package data)
+
+
+def shipped_model_dir(model_config: dict | None = None, train_config: dict | None = None):
+    """The shipped folder built with this recipe (Appendix A's configs with these changes), or
+    None when the book ships no weights for it."""
+    mc, tc = {**MODEL_CONFIG, **(model_config or {})}, {**TRAIN_CONFIG, **(train_config or {})}
+    for info in sorted(SHIPPED.glob("*/pretraining.json")):
+        recipe = json.loads(info.read_text())
+        if recipe["model_config"] == mc and recipe["train_config"] == tc:
+            return info.parent
+    return None
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """The sha256 of a model folder's model.safetensors: how a results JSON names its weights."""
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def default_model_dir(model_config: dict | None = None, train_config: dict | None = None,
-                      root: str | Path | None = None, progress: bool = True) -> Path:
-    """The local directory of the default model (built on first use, then cached): config.json,
+                      root: str | Path | None = None, progress: bool = True,
+                      shipped: bool = True) -> Path:
+    """The local directory of the default model: the shipped weights of this recipe if the book
+    has them (and shipped), else built on first use and cached in root: config.json,
     model.safetensors, the tokenizer files and pretraining.json (recipe, losses, perplexity)."""
+    if shipped and (found := shipped_model_dir(model_config, train_config)) is not None:
+        return found
     mc, tc = {**MODEL_CONFIG, **(model_config or {})}, {**TRAIN_CONFIG, **(train_config or {})}
     train_texts, heldout_texts = stdlib_corpus(tc["heldout_every"], tc["max_files"])
     root = Path(root) if root is not None else cache_dir()
@@ -225,7 +253,7 @@ def _build(final: Path, mc, tc, train_texts, heldout_texts, progress):
 
 
 def resolve(name_or_dir: str | Path) -> str | Path:
-    """DEFAULT_MODEL -> its local directory (built if needed); anything else unchanged."""
+    """DEFAULT_MODEL -> its local directory (the shipped weights); anything else unchanged."""
     return default_model_dir() if str(name_or_dir) == DEFAULT_MODEL else name_or_dir
 
 

@@ -17,9 +17,12 @@ def apply_dtype_policy(model, policy: str, compute_dtype) -> torch.dtype:
     adapters in compute_dtype (fp32 under fp16 compute: the reference casts them only to bf16).
     "fp32" (PEFT's prepare_model_for_kbit_training, fp32 adapters; CPU teaching runs): all fp32.
     A 16-bit nn.Linear left unquantized (lm_head) gets its input cast to its weight's dtype: the
-    fp32 norm before it returns fp32, and the reference computes it in bf16 under autocast."""
+    fp32 norm before it returns fp32, and the reference computes it in bf16 under autocast.
+    compute_dtype None: the 4-bit layers' (chapter 5's default, bf16 only where native)."""
     if policy not in DTYPE_POLICIES:
         raise ValueError(f"policy must be one of {DTYPE_POLICIES}, got {policy!r}")
+    compute_dtype = compute_dtype or next(m.compute_dtype for m in model.modules()
+                                          if isinstance(m, Linear4bit))
     fp32 = policy == "fp32"
     for name, module in model.named_modules():
         if isinstance(module, Linear4bit):             # its codes and constants stay as they are

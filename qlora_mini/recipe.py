@@ -21,7 +21,7 @@ def build_model(cfg: TrainConfig):
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.quantize:
-        dtype = getattr(torch, cfg.compute_dtype)
+        dtype = None if cfg.compute_dtype == "auto" else getattr(torch, cfg.compute_dtype)
         model = load_4bit(resolve(cfg.model), quant_type=cfg.quant_type, compute_dtype=dtype,
                           double_quant=cfg.double_quant, device=device)
         prepare_qlora(model, **lora, target_modules=cfg.target_modules, compute_dtype=dtype,

@@ -43,6 +43,45 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def native_bf16(device="cpu") -> bool:
+    """True where a bfloat16 matmul runs at full speed on ``device``. On CUDA: the GPU supports
+    bf16 (Ampere and later). On a CPU: oneDNN has bf16 kernels for it (AVX512-BF16, AMX, or
+    AVX-512's emulation) and torch dispatches at AVX-512 (not capped by ATEN_CPU_CAPABILITY or
+    ONEDNN_MAX_CPU_ISA). Elsewhere, on AVX2-only x86 CPUs (GitHub's runners, most laptops) and
+    other CPUs, a bf16 matmul is tens of times slower than fp32 (chapter 6 measures it)."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN, or without this query
+        onednn = False
+    return onednn and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+_SAID_FP32 = set()  # the devices default_compute_dtype has already explained itself for
+
+
+def default_compute_dtype(device="cpu"):
+    """What ``compute_dtype=None`` means: bfloat16, the paper's, where it is native on ``device``
+    (``native_bf16``); else float32, saying so once per device type. A "meta" device counts as
+    the CPU."""
+    import logging
+    import torch
+    device = torch.device(device)
+    kind = "cpu" if device.type == "meta" else device.type
+    if native_bf16(kind):
+        return torch.bfloat16
+    if kind not in _SAID_FP32:
+        _SAID_FP32.add(kind)
+        logging.getLogger("qlora_mini").warning(
+            "qlora_mini: no native bfloat16 on this %s (torch dispatches at %s): computing in "
+            "float32, which is faster here; pass compute_dtype=torch.bfloat16 to insist", kind,
+            torch.backends.cpu.get_cpu_capability() if kind == "cpu" else kind)
+    return torch.float32
+
+
 def add_to_class(cls: type) -> Callable:
     """Decorator that adds the function below it to ``cls`` as a method (d2l's ``add_to_class``).
 

@@ -9,7 +9,7 @@ import torch
 
 from qlora_mini import finetuning as F
 from qlora_mini.lora import LoRALinear
-from qlora_mini.model import load_model
+from qlora_mini.model import load_model, weights_sha256
 from qlora_mini.train import train
 from tiny_model import make_tiny_model
 
@@ -67,7 +67,9 @@ def test_sweep_resumes_and_records_divergence(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(F, "LEARNING_RATES", dict(full=(1e-3,), adapters=(1e-3, 1e30)))
     keys = [F.run_key(*k) for k in F.runs("placement", seeds=(0,))]
     path = tmp_path / f"{tiny_dir.name}.json"
-    path.write_text(json.dumps(dict(size=str(tiny_dir), runs={k: dict(kept=True) for k in keys[1:]})))
+    sha = weights_sha256(tiny_dir)                      # what the kept runs were measured on
+    path.write_text(json.dumps(dict(size=str(tiny_dir), weights_sha256=sha,
+                                    runs={k: dict(kept=True) for k in keys[1:]})))
     F.run_sweep(str(tiny_dir), "placement", seeds=(0,), out_dir=tmp_path, progress=False)
     runs = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"]
     assert list(runs) != [] and set(runs) == set(keys)
@@ -75,11 +77,23 @@ def test_sweep_resumes_and_records_divergence(tiny_dir, tmp_path, monkeypatch):
     assert runs[keys[0]]["wall_s"] > 0 and runs[keys[0]]["lr"] == 1e-3
     runs_div = F.runs("compare", seeds=(0,))
     bad = next(k for k in runs_div if k[0] == "QLoRA FP4" and k[3] == 1e30)
-    path.write_text(json.dumps(dict(size=str(tiny_dir), runs={
+    path.write_text(json.dumps(dict(size=str(tiny_dir), weights_sha256=sha, runs={
         F.run_key(*k): dict(kept=True) for k in runs_div if k != bad})))
     F.run_sweep(str(tiny_dir), "compare", seeds=(0,), out_dir=tmp_path, progress=False)
     entry = json.loads(path.read_text())["runs"][F.run_key(*bad)]
     assert "not finite" in entry["diverged"] and entry["eval_loss"] is None
+
+
+@pytest.mark.parametrize("recorded", [{}, {"weights_sha256": "0" * 64}])
+def test_sweep_refuses_runs_on_other_weights(tiny_dir, tmp_path, recorded):
+    """A file whose runs name other weights, or none, is never resumed onto these: refused,
+    naming the file, and left as it was."""
+    path = tmp_path / f"{tiny_dir.name}.json"
+    path.write_text(json.dumps(dict(size=str(tiny_dir), runs={"a run": {}}, **recorded)))
+    before = path.read_text()
+    with pytest.raises(ValueError, match=f"{path.name} holds runs measured on weights"):
+        F.run_sweep(str(tiny_dir), "placement", seeds=(0,), out_dir=tmp_path, progress=False)
+    assert path.read_text() == before
 
 
 def test_seed_interval_is_scipys_t_interval():

@@ -19,9 +19,11 @@ SHAPES_BNB = [(64, 32), (128, 96), (320, 224)]
 
 
 def make(in_features, out_features, bias=True, seed=0, **kw):
+    """A seeded nn.Linear and its Linear4bit, computing in bf16 (the paper's) unless kw says else:
+    explicit, as the default is bf16 only on a CPU that has it natively (tests/test_utils.py)."""
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
-    return linear, Linear4bit.from_linear(linear, **kw)
+    return linear, Linear4bit.from_linear(linear, **{"compute_dtype": torch.bfloat16, **kw})
 
 
 @pytest.mark.parametrize("in_features,out_features", SHAPES)
@@ -117,7 +119,7 @@ def test_state_dict_round_trip():
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    fresh = Linear4bit(128, 64)
+    fresh = Linear4bit(128, 64, compute_dtype=torch.bfloat16)   # not in a state_dict: as made
     fresh.load_state_dict(torch.load(buf))
     x = torch.randn(3, 128)
     assert torch.equal(fresh(x), layer(x))

@@ -10,6 +10,8 @@ from qlora_mini.linear4bit import Linear4bit, quantize_model
 from qlora_mini.load4bit import load_4bit, quantize_4bit_chunked, save_4bit, shard_files
 from qlora_mini.storage import quantize_4bit
 
+BF16 = torch.bfloat16  # the compute dtype, explicit: the default is bf16 only where it is native
+
 
 def tiny_config(tie=False):
     from transformers import LlamaConfig
@@ -59,8 +61,8 @@ def test_load_4bit_equals_quantize_model(tie, tmp_path, ids):
     from transformers import AutoModelForCausalLM
     ckpt = save_tiny(tmp_path, tie)
     assert len(shard_files(ckpt)) > 1
-    ours = load_4bit(ckpt, device="cpu")
-    full = quantize_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16))
+    ours = load_4bit(ckpt, compute_dtype=BF16, device="cpu")
+    full = quantize_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=BF16), compute_dtype=BF16)
     a, b = ours.state_dict(), full.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert not ours.training and torch.equal(ours(ids).logits, full.eval()(ids).logits)
@@ -68,7 +70,7 @@ def test_load_4bit_equals_quantize_model(tie, tmp_path, ids):
 
 def test_save_4bit_loads_in_transformers_with_same_logits(ckpt, ids, tmp_path):
     from transformers import AutoModelForCausalLM
-    ours = load_4bit(ckpt, device="cpu")
+    ours = load_4bit(ckpt, compute_dtype=BF16, device="cpu")
     save_4bit(ours, tmp_path, max_shard_bytes=40_000)
     assert (tmp_path / "model.safetensors.index.json").exists()
     q = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
@@ -88,26 +90,26 @@ def test_load_4bit_reads_transformers_4bit_save_without_requantizing(ckpt, tmp_p
     theirs.save_pretrained(tmp_path)
     import qlora_mini.load4bit as L
     monkeypatch.setattr(L, "quantize_4bit_chunked", lambda *a, **k: pytest.fail("re-quantized"))
-    back = load_4bit(tmp_path, device="cpu").state_dict()
+    back = load_4bit(tmp_path, compute_dtype=BF16, device="cpu").state_dict()
     monkeypatch.undo()
-    ours = load_4bit(ckpt, device="cpu").state_dict()
+    ours = load_4bit(ckpt, compute_dtype=BF16, device="cpu").state_dict()
     assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 def test_save_4bit_of_a_qlora_model_keeps_base_names(ckpt, tmp_path, ids):
     from qlora_mini.lora import add_lora, lora_layers
-    model = load_4bit(ckpt, device="cpu")
+    model = load_4bit(ckpt, compute_dtype=BF16, device="cpu")
     base = model.state_dict()
     add_lora(model, [n for n, m in model.named_modules() if isinstance(m, Linear4bit)], r=4)
     assert lora_layers(model)
     save_4bit(model, tmp_path)
-    back = load_4bit(tmp_path, device="cpu").state_dict()
+    back = load_4bit(tmp_path, compute_dtype=BF16, device="cpu").state_dict()
     assert back.keys() == base.keys() and all(torch.equal(back[k], base[k]) for k in base)
 
 
 def test_bad_checkpoints(tmp_path, ckpt):
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        load_4bit(tmp_path, device="cpu")
+        load_4bit(tmp_path, compute_dtype=BF16, device="cpu")
     from transformers import AutoModelForCausalLM
     small = tiny_config()
     small.num_hidden_layers = 1                       # the checkpoint has 2 layers

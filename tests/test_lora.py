@@ -121,7 +121,7 @@ def test_prepare_qlora_structure_and_counts_match_peft(model_dir):
 
 def test_prepare_qlora_subset_and_fp32_norms(model_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    prepare_qlora(model, r=4, target_modules=["q_proj", "v_proj"])
+    prepare_qlora(model, r=4, target_modules=["q_proj", "v_proj"], compute_dtype=torch.bfloat16)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.q_proj, LoRALinear) and isinstance(attn.k_proj, Linear4bit)
     assert isinstance(mlp.down_proj, Linear4bit)

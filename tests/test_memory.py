@@ -74,7 +74,7 @@ def small_qlora(dropout, r=8, layers=2, kv_heads=2):
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16),
                            LoraConfig(r=r, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
-    quantize_model(model, skip=("lm_head", "default"))
+    quantize_model(model, compute_dtype=torch.bfloat16, skip=("lm_head", "default"))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in lora:
         p.data = p.data.bfloat16()

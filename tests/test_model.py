@@ -1,7 +1,9 @@
-"""The embedded default model: built from the stdlib, cached, loaded with from_pretrained.
+"""The embedded default model: built from the stdlib, cached, loaded with from_pretrained; the
+shipped weights, found by their recipe and checked against their checksums.
 
 A tiny recipe (a few dozen files, 2 layers of width 64, 20 steps) keeps these fast; the real
-default model is built by the notebooks."""
+default model ships with the package (Appendix A)."""
+import hashlib
 import json
 
 import pytest
@@ -117,3 +119,44 @@ def test_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         M.default_model_dir(TINY_MODEL, TINY_TRAIN, root=tmp_path, progress=False)
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+
+
+def shipped_sums() -> dict:
+    """{folder: {file name: sha256}} from each shipped folder's SHA256SUMS (sha256sum's format)."""
+    return {folder: dict(line.split()[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+            for folder in sorted(p.parent for p in M.SHIPPED.glob("*/SHA256SUMS"))}
+
+
+def test_shipped_weights_match_their_checksums():
+    sums = shipped_sums()
+    assert sums, "no shipped weights"
+    for folder, files in sums.items():
+        assert sorted(files) == sorted(p.name for p in folder.iterdir() if p.name != "SHA256SUMS")
+        for name, sha in files.items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == sha, (folder, name)
+        assert M.weights_sha256(folder) == files["model.safetensors"]
+
+
+def test_default_model_is_the_shipped_one_never_built(monkeypatch):
+    def no_build(*args):
+        raise AssertionError("built instead of loading the shipped weights")
+    monkeypatch.setattr(M, "_build", no_build)
+    folder = M.default_model_dir()
+    assert folder.parent == M.SHIPPED and folder in shipped_sums()
+    recipe = json.loads((folder / "pretraining.json").read_text())
+    assert (recipe["model_config"], recipe["train_config"]) == (M.MODEL_CONFIG, M.TRAIN_CONFIG)
+    assert M.resolve(M.DEFAULT_MODEL) == folder
+    assert M.shipped_model_dir(train_config=dict(seed=1)) is None      # another recipe: not shipped
+
+
+def test_shipped_false_builds_the_recipe_anyway(monkeypatch, tmp_path):
+    built = []
+
+    def fake_build(final, *args):
+        built.append(final)
+        final.mkdir()
+        (final / "config.json").touch()
+    monkeypatch.setattr(M, "_build", fake_build)
+    folder = M.default_model_dir(root=tmp_path, shipped=False, progress=False)
+    assert built == [folder] and folder.parent == tmp_path
+

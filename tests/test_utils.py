@@ -1,9 +1,17 @@
-"""The plumbing helpers: ceil_div against math.ceil on exact fractions, add_to_class, in_ci."""
+"""The plumbing helpers: ceil_div against math.ceil on exact fractions, add_to_class, in_ci, and
+the default compute dtype (bfloat16 only where it is native)."""
 from fractions import Fraction
+import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
+from torch import nn
 
+from qlora_mini import utils
 from qlora_mini.utils import add_to_class, ceil_div, in_ci
 
 
@@ -68,3 +76,61 @@ def test_gpu_datasheet_numbers_live_in_one_place():
     found = {str(p.relative_to(root)): pattern.findall(text) for p, text in sources.items()}
     assert not {p: f for p, f in found.items() if f}
     assert pattern.findall("peak = 989e12") and pattern.findall("bw = 3.35e12")  # it can fail
+
+
+@pytest.fixture
+def cpu_as(monkeypatch):
+    """Pretend torch dispatches at `capability` with oneDNN's bf16 query answering `onednn`."""
+    def pretend(capability: str, onednn: bool):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn,
+                            raising=False)
+        monkeypatch.setattr(utils, "_SAID_FP32", set())
+    return pretend
+
+
+@pytest.mark.parametrize("capability, onednn, native", [("AVX512", True, True),
+                                                         ("AVX512", False, False),
+                                                         ("AVX2", True, False),
+                                                         ("DEFAULT", False, False)])
+def test_native_bf16_needs_avx512_dispatch_and_onednn(cpu_as, capability, onednn, native):
+    cpu_as(capability, onednn)
+    assert utils.native_bf16("cpu") is native
+    assert utils.default_compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_fp32_default_says_so_once(cpu_as, caplog):
+    cpu_as("AVX2", False)
+    with caplog.at_level(logging.WARNING, logger="qlora_mini"):
+        assert utils.default_compute_dtype("cpu") == torch.float32
+        assert utils.default_compute_dtype("meta") == torch.float32   # meta counts as the CPU
+    said = [r.getMessage() for r in caplog.records if r.name == "qlora_mini"]
+    assert len(said) == 1 and "no native bfloat16" in said[0] and "AVX2" in said[0]
+
+
+def test_defaults_follow_the_cpu(cpu_as):
+    """Every default that used to compute in bf16: Linear4bit, quantize_model, prepare_qlora,
+    load_4bit (through empty_model) and the training config's "auto"."""
+    from qlora_mini.linear4bit import Linear4bit, quantize_model
+    from qlora_mini.lora import prepare_qlora
+    for capability, onednn, want in [("AVX2", False, torch.float32), ("AVX512", True, torch.bfloat16)]:
+        cpu_as(capability, onednn)
+        assert Linear4bit(64, 32).compute_dtype == want
+        assert Linear4bit.from_linear(nn.Linear(64, 32)).compute_dtype == want
+        model = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), skip=())
+        assert {m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit)} == {want}
+        model = prepare_qlora(nn.Sequential(nn.Linear(64, 64)), r=4, target_modules=["0"],
+                              gradient_checkpointing=False)
+        assert model[0].lora_A.weight.dtype == want           # the reference policy: compute dtype
+        assert Linear4bit(64, 32, compute_dtype=torch.float16).compute_dtype == torch.float16
+
+
+def test_capped_dispatch_is_not_native_bf16():
+    """For real, not pretended: with torch's and oneDNN's dispatch capped at AVX2 (as on a CPU
+    without AVX-512), bf16 is not native, whatever this machine's CPU."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", "import torch; from qlora_mini.utils import "
+                          "native_bf16; print(torch.backends.cpu.get_cpu_capability(), "
+                          "native_bf16('cpu'))"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["AVX2", "False"]
