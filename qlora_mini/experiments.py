@@ -50,7 +50,31 @@ def _result_file(size: str, seed: int, out_dir, train=None) -> tuple[Path, dict]
     name = size.replace("/", "--") + (f"-{steps}steps" if steps else "")
     out = Path(out_dir) / f"{name}-seed{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out, json.loads(out.read_text()) if out.exists() else dict(size=size, seed=seed, entries={})
+    return out, read_results(out, "entries") or dict(size=size, seed=seed, entries={})
+
+
+def read_results(path: Path, key: str) -> dict | None:
+    """What an earlier run left at path (a JSON object whose `key` is an object), None if nothing.
+    Anything else is refused, naming the file, and left as it is: never overwritten silently."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): move it aside to start over") from None
+    if not isinstance(result, dict) or not isinstance(result.get(key), dict):
+        raise ValueError(f"{path} has no {key!r} object, so no run of this command wrote it: "
+                         "move it aside to start over")
+    return result
+
+
+def check_sizes(sizes) -> None:
+    """Refuse, before any work, a size that is neither a family size, a local folder nor a hub id
+    (owner/name): 'h999-l1' would otherwise be looked up on the hub."""
+    for size in sizes:
+        if size not in FAMILY and not Path(size).is_dir() and size.count("/") != 1:
+            raise ValueError(f"unknown size {size!r}: a family size ({', '.join(FAMILY)}), a "
+                             "model folder, or a hub id such as huggyllama/llama-7b")
 
 
 def _entry(model, ids, data_type: str, blocksize) -> dict:
@@ -131,7 +155,7 @@ def run_rebuild(seeds=(0,), out_dir="results/rebuild", progress: bool = True) ->
     capability = torch.backends.cpu.get_cpu_capability()
     out = Path(out_dir) / f"{capability.lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = json.loads(out.read_text()) if out.exists() else dict(rebuilds={})
+    result = read_results(out, "rebuilds") or dict(rebuilds={})
     shipped = shipped_model_dir()
     tokenizer = load_tokenizer(shipped)
     ids = token_stream(tokenizer, stdlib_corpus(TRAIN_CONFIG["heldout_every"])[1])[:EVAL_TOKENS]
@@ -174,6 +198,7 @@ def main(argv=None) -> int:
     train = {k: v for k, v in dict(steps=args.steps, threads=args.threads).items() if v}
     torch.set_num_threads(args.threads or TRAIN_CONFIG["threads"])
     try:
+        check_sizes(args.sizes)
         if args.experiment == "rebuild":
             r = run_rebuild(args.seeds, args.out or "results/rebuild")
             print(f"rebuilt seeds {sorted(r['rebuilds'])}", flush=True)

@@ -19,7 +19,7 @@ from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import collate, pad_token_id
 from qlora_mini.datatypes import quantize_linears
 from qlora_mini.evaluate import eval_loss, make_stdlib_mcq, mcq_accuracy
-from qlora_mini.experiments import _same_weights, _write, provenance
+from qlora_mini.experiments import _same_weights, _write, check_sizes, provenance, read_results
 from qlora_mini.family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.lora import add_lora, enable_gradient_checkpointing
@@ -162,7 +162,7 @@ def run_sweep(size: str, sweep: str, seeds=(0, 1, 2), out_dir="results/finetunin
     name = Path(size).name if Path(size).is_dir() else size.replace("/", "--")  # a folder, a hub id
     out = Path(out_dir) / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = json.loads(out.read_text()) if out.exists() else dict(size=size, runs={})
+    result = read_results(out, "runs") or dict(size=size, runs={})
     model = base_model_dir(size)
     sha = weights_sha256(model) if Path(model).is_dir() else None
     _same_weights(out, result, sha, "runs")           # a resumed sweep trains on one model
@@ -248,14 +248,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for size in args.sizes:
-        for sweep in args.sweeps:
-            try:
+    try:
+        check_sizes(args.sizes)
+        for size in args.sizes:
+            for sweep in args.sweeps:
                 r = run_sweep(size, sweep, tuple(args.seeds), args.out)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"{size} {sweep}: {len(r['runs'])} runs in the file", flush=True)
+                print(f"{size} {sweep}: {len(r['runs'])} runs in the file", flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

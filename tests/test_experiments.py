@@ -1,6 +1,9 @@
 """`python -m qlora_mini.experiments datatypes` on a tiny local model: the JSON it writes
-(entries, provenance), that a rerun resumes instead of recomputing, and the CLI."""
+(entries, provenance), that a rerun resumes instead of recomputing, and the CLI; with
+chapter 13's sweep command, how both refuse a damaged results file or an unknown size."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,3 +54,41 @@ def test_cli_refuses_unknown_experiment(capsys):
     with pytest.raises(SystemExit):
         E.main(["sizes"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def command(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, says: str):
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.startswith("error: ") and says in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("damage, says", [('{"entries": {"16-bit": {"nll": [4.1, ', "not valid JSON"),
+                                          ('{"runs": [], "entries": []}', "object, so no run")])
+@pytest.mark.parametrize("module", ["qlora_mini.experiments", "qlora_mini.finetuning"])
+def test_a_damaged_results_file_is_refused_and_kept(tiny_dir, tmp_path, module, damage, says):
+    """A truncated file, or one of another shape, where the sweep would resume: one line naming
+    it, exit 2, the file as it was (chapter 12's sweep and chapter 13's both read it back)."""
+    if module == "qlora_mini.experiments":
+        path, args = tmp_path / f"{str(tiny_dir).replace('/', '--')}-seed0.json", ["datatypes"]
+    else:
+        path, args = tmp_path / f"{tiny_dir.name}.json", ["compare", "--seeds", "0"]
+    path.write_text(damage)
+    run = command(module, *args, "--sizes", str(tiny_dir), "--out", str(tmp_path))
+    assert_one_line_error(run, says)
+    assert str(path) in run.stderr and path.read_text() == damage
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("module, args", [("qlora_mini.experiments", ["datatypes"]),
+                                          ("qlora_mini.finetuning", ["compare"])])
+def test_an_unknown_size_is_refused_before_any_work(tmp_path, module, args):
+    out = tmp_path / "out"
+    run = command(module, *args, "--sizes", "h999-l1", "--out", str(out))
+    assert_one_line_error(run, "unknown size 'h999-l1'")
+    assert not out.exists()
