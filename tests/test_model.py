@@ -5,6 +5,7 @@ A tiny recipe (a few dozen files, 2 layers of width 64, 20 steps) keeps these fa
 default model ships with the package (Appendix A)."""
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,24 @@ def test_shipped_false_builds_the_recipe_anyway(monkeypatch, tmp_path):
     folder = M.default_model_dir(root=tmp_path, shipped=False, progress=False)
     assert built == [folder] and folder.parent == tmp_path
 
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_every_result_names_its_weights():
+    """Every committed results JSON names the sha256 of the weights it used; where those weights
+    are shipped (a model folder of the same name), the name is the shipped file's."""
+    shipped = {folder.name: files["model.safetensors"] for folder, files in shipped_sums().items()}
+    files = sorted(RESULTS.rglob("*.json"))
+    assert files
+    for path in files:
+        result = json.loads(path.read_text())
+        if "rebuilds" in result:                        # Appendix A's rebuild records
+            assert result["shipped"]["weights_sha256"] in shipped.values(), path
+            names = [r["weights_sha256"] for r in result["rebuilds"].values()]
+        else:
+            names = [result["weights_sha256"]]
+        assert names and all(isinstance(n, str) and len(n) == 64 for n in names), path
+        if result.get("model_dir") in shipped:
+            assert result["weights_sha256"] == shipped[result["model_dir"]], path
