@@ -36,7 +36,8 @@ test: setup
 # The same suite as a CPU without AVX-512 runs it (GitHub's hosted runners, most laptops): torch's
 # and oneDNN's dispatch capped at AVX2, and tools/avx2_cpu.c preloaded into every process so that
 # bitsandbytes and `g++ -march=native` (our CPU twin) see no AVX-512 either. It stops, saying
-# why, where a CPU with AVX-512 cannot hide it (no CPUID faulting). Slower: bf16 is emulated.
+# why, where a CPU with AVX-512 cannot hide it (no CPUID faulting). Without AVX-512 a bf16 matmul
+# is tens of times slower; the suite computes in fp32 where it can, so it takes about as long.
 AVX2_LIB := .venv/lib/avx2_cpu.so
 AVX2_ENV := LD_PRELOAD=$(abspath $(AVX2_LIB)) ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
