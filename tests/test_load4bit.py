@@ -108,6 +108,9 @@ def test_save_4bit_of_a_qlora_model_keeps_base_names(ckpt, tmp_path, ids):
 
 
 def test_bad_checkpoints(tmp_path, ckpt):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no config.json"):
+        load_4bit(tmp_path, compute_dtype=BF16, device="cpu")
+    (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_4bit(tmp_path, compute_dtype=BF16, device="cpu")
     from transformers import AutoModelForCausalLM
@@ -133,3 +136,25 @@ def test_chunked_quantizer_both_paths_odd_length(monkeypatch):
     torch_path = quantize_4bit_chunked(W, 64, "nf4", True, chunk=1024)
     for b, sb in (compiled, torch_path):
         assert torch.equal(a, b) and torch.equal(sa.absmax, sb.absmax)
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./not-here", "not-here", "a/b/c"])
+def test_a_missing_folder_is_named_not_taken_for_a_hub_id(name):
+    with pytest.raises(FileNotFoundError, match=f"{name}: no such folder"):
+        load_4bit(name, device="cpu")
+
+
+def test_an_uncached_hub_id_offline_is_named(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="qlora-mini/not-cached: not a local folder, not in the hub "
+                                      "cache, and the hub cannot be reached"):
+        load_4bit("qlora-mini/not-cached", device="cpu")
+
+
+def test_a_truncated_shard_is_named(ckpt, tmp_path):
+    for f in ckpt.iterdir():
+        data = f.read_bytes()
+        (tmp_path / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    with pytest.raises(ValueError, match=rf"{tmp_path}/model\S*\.safetensors: not a readable"):
+        load_4bit(tmp_path, compute_dtype=BF16, device="cpu")
