@@ -10,6 +10,15 @@ from qlora_mini.linear4bit import Linear4bit
 DTYPE_POLICIES = ("reference", "fp32")
 
 
+def layers_compute_dtype(model) -> torch.dtype:
+    """The compute dtype of model's 4-bit layers (chapter 5's default: bf16 only where native)."""
+    layer = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
+    if layer is None:
+        raise ValueError("compute_dtype=None means the 4-bit layers' dtype, and model has no "
+                         "Linear4bit: name the compute dtype")
+    return layer.compute_dtype
+
+
 def apply_dtype_policy(model, policy: str, compute_dtype) -> torch.dtype:
     """Cast a model's non-quantized weights in place and return the dtype its LoRA adapters get.
     "reference" (artidoro/qlora with --bf16): norm weights fp32 ("norm" in the module's name, the
@@ -21,8 +30,7 @@ def apply_dtype_policy(model, policy: str, compute_dtype) -> torch.dtype:
     compute_dtype None: the 4-bit layers' (chapter 5's default, bf16 only where native)."""
     if policy not in DTYPE_POLICIES:
         raise ValueError(f"policy must be one of {DTYPE_POLICIES}, got {policy!r}")
-    compute_dtype = compute_dtype or next(m.compute_dtype for m in model.modules()
-                                          if isinstance(m, Linear4bit))
+    compute_dtype = compute_dtype or layers_compute_dtype(model)
     fp32 = policy == "fp32"
     for name, module in model.named_modules():
         if isinstance(module, Linear4bit):             # its codes and constants stay as they are

@@ -35,10 +35,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_matches_bnb(got: torch.Tensor, want: torch.Tensor, quant_type: str):
-    """Equal in value to bitsandbytes' CPU dequantization, element for element (NaN-free). Not in
-    bits: bitsandbytes' two CPU paths differ there (its AVX-512 table writes +0.0 for FP4's code 8,
-    "minus zero", where its AVX2/scalar path and its CUDA kernel write -0.0), so the only bit
-    differences allowed are signed zeros. Our own bits are pinned against decode_by_hand."""
+    """Equal to bitsandbytes' CPU dequantization: bit for bit for NF4 (no signed zero to differ
+    in); for FP4 equal in value, element for element (NaN-free), the only bit differences allowed
+    being signed zeros: bitsandbytes' two CPU paths differ there (its AVX-512 table writes +0.0 for
+    FP4's code 8, "minus zero", where its AVX2/scalar path and its CUDA kernel write -0.0). Our own
+    bits are pinned against decode_by_hand."""
+    if quant_type == "nf4":
+        assert_bit_exact(got, want)
+        return
     assert got.shape == want.shape and got.dtype == want.dtype
     assert not torch.isnan(got).any() and torch.equal(got, want), quant_type
     differ = bits(got) != bits(want)

@@ -340,6 +340,16 @@ def test_fp16_compute_keeps_fp32_adapters_and_bad_policy_is_refused(model_dir):
         ours(model_dir, dtype_policy="bf16")
 
 
+def test_policy_without_a_dtype_takes_the_4bit_layers_or_says_why():
+    from qlora_mini.policy import apply_dtype_policy
+    model = nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 64), compute_dtype=torch.float16))
+    assert apply_dtype_policy(model, "reference", None) == F32   # fp16 compute: fp32 adapters
+    model = nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 64), compute_dtype=torch.bfloat16))
+    assert apply_dtype_policy(model, "reference", None) == torch.bfloat16
+    with pytest.raises(ValueError, match="no Linear4bit: name the compute dtype"):
+        apply_dtype_policy(nn.Sequential(nn.Linear(64, 64)), "reference", None)
+
+
 def test_prepare_qlora_takes_a_load_4bit_model(model_dir, tokens):
     from qlora_mini.load4bit import load_4bit
     a = prepare_qlora(load_4bit(model_dir, compute_dtype=F32, device="cpu"), r=R, alpha=ALPHA,

@@ -108,11 +108,19 @@ def test_fp32_default_says_so_once(cpu_as, caplog):
     assert len(said) == 1 and "no native bfloat16" in said[0] and "AVX2" in said[0]
 
 
-def test_defaults_follow_the_cpu(cpu_as):
+def test_defaults_follow_the_cpu(cpu_as, tmp_path):
     """Every default that used to compute in bf16: Linear4bit, quantize_model, prepare_qlora,
-    load_4bit (through empty_model) and the training config's "auto"."""
+    load_4bit and the training config's "auto" (chapter 8's build_model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from qlora_mini.config import load_config
     from qlora_mini.linear4bit import Linear4bit, quantize_model
+    from qlora_mini.load4bit import load_4bit
     from qlora_mini.lora import prepare_qlora
+    from qlora_mini.recipe import build_model
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, vocab_size=128)
+                     ).save_pretrained(tmp_path)
+    cfg = load_config("default", {"model": str(tmp_path), "compute_dtype": "auto"})
     for capability, onednn, want in [("AVX2", False, torch.float32), ("AVX512", True, torch.bfloat16)]:
         cpu_as(capability, onednn)
         assert Linear4bit(64, 32).compute_dtype == want
@@ -122,6 +130,10 @@ def test_defaults_follow_the_cpu(cpu_as):
         model = prepare_qlora(nn.Sequential(nn.Linear(64, 64)), r=4, target_modules=["0"],
                               gradient_checkpointing=False)
         assert model[0].lora_A.weight.dtype == want           # the reference policy: compute dtype
+        layers = load_4bit(tmp_path, device="cpu").modules()
+        assert {m.compute_dtype for m in layers if isinstance(m, Linear4bit)} == {want}
+        layers = build_model(cfg).modules()
+        assert {m.compute_dtype for m in layers if isinstance(m, Linear4bit)} == {want}
         assert Linear4bit(64, 32, compute_dtype=torch.float16).compute_dtype == torch.float16
 
 
