@@ -38,8 +38,8 @@ _EXPORTS = {  # module (in chapter order) -> the public names it gives the packa
     "policy": ["DTYPE_POLICIES", "apply_dtype_policy"],
     "paged": ["PagedAdamW"],                                                      # chapter 7
     "data": ["DEFAULT_DATA", "load_splits", "stdlib_qa"],  # chapter 8 (train/evaluate: commands)
-    "elo": ["bradley_terry", "elo_tournament", "win_rate_matrix"],                # chapter 9
-    "elo_data": ["load_paper_verdicts"],
+    "studies.elo": ["bradley_terry", "elo_tournament", "win_rate_matrix"],        # chapter 9
+    "studies.elo_data": ["load_paper_verdicts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qlora_mini.config import resume_changes
 from qlora_mini.lora import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
-from qlora_mini.model import atomic_dir
+from qlora_mini.utils import atomic_dir
 
 
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # sharded state: gathered

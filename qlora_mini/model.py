@@ -6,11 +6,12 @@ from importlib.resources import files
 import json
 import os
 from pathlib import Path
-import shutil
 import sysconfig
 
 import torch
 from tqdm.auto import tqdm
+
+from qlora_mini.utils import atomic_dir
 
 
 DEFAULT_MODEL = "qlora-mini/stdlib-llama"  # a name that load_model/load_tokenizer resolve locally
@@ -202,41 +203,6 @@ def _lock(path: Path):
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_dir(final: Path, write) -> None:
-    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which is fsynced and
-    renamed onto `final` with os.replace, so a reader never sees a half-written `final`. An
-    exception in `write` removes the temporary folder; a kill leaves at worst a stale `.tmp-*`
-    folder (ignored, cleaned by the next write). When `final`
-    already exists, the old copy is first moved aside: between those two renames only the `.old-*`
-    copy exists. (Chapter 8's checkpoints reuse this.)"""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for path in [*tmp.rglob("*"), tmp]:  # data on disk before the rename makes it visible
-        _fsync(path)
-    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old aside
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync(final.parent)
 
 
 def _build(final: Path, mc, tc, train_texts, heldout_texts, progress):

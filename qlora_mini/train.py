@@ -23,10 +23,11 @@ from qlora_mini.config import (TrainConfig, config_problems, length_problems, lo
                                presets)
 from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
 from qlora_mini.evaluate import eval_loss
-from qlora_mini.model import atomic_dir, load_tokenizer
+from qlora_mini.model import load_tokenizer
 from qlora_mini.plotting import figure
 from qlora_mini.recipe import (OneProcess, apply_hyperparameters, build_model, lr_factor,
                                make_optimizer, processes)
+from qlora_mini.utils import atomic_dir
 
 
 def _micro_batch(k: int, examples, cfg: TrainConfig, pad_id: int, cache: dict) -> dict:

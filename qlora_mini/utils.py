@@ -5,6 +5,8 @@ They import nothing from the package, so any chapter module may import them with
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Callable
 
 
@@ -41,6 +43,12 @@ CUDA_CONTEXT_BYTES_ASSUMED = 0.5e9
 def ceil_div(a: int, b: int) -> int:
     """ceil(a / b) for non-negative integers, exactly (no float): blocks of ``b`` that hold ``a``."""
     return -(-a // b)
+
+
+def default_device() -> str:
+    """Where work runs when the caller does not say: "cuda" where PyTorch sees a GPU, else "cpu"."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def native_bf16(device="cpu") -> bool:
@@ -105,3 +113,38 @@ def in_ci() -> bool:
     reader's machine (a missing ``nvcc``) must fail instead in CI.
     """
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(final: Path, write) -> None:
+    """Write a directory atomically: `write(tmp)` fills a temporary sibling, which is fsynced and
+    renamed onto `final` with os.replace, so a reader never sees a half-written `final`. An
+    exception in `write` removes the temporary folder; a kill leaves at worst a stale `.tmp-*`
+    folder (ignored, cleaned by the next write). When `final`
+    already exists, the old copy is first moved aside: between those two renames only the `.old-*`
+    copy exists. (Chapter 8's checkpoints reuse this.)"""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for path in [*tmp.rglob("*"), tmp]:  # data on disk before the rename makes it visible
+        _fsync(path)
+    if final.exists():  # os.replace cannot overwrite a non-empty directory: move the old aside
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)

@@ -1,4 +1,4 @@
-"""qlora_mini.elo / elo_data / elo_generate against independent computations: Elo by hand and by
+"""qlora_mini.studies.elo / elo_data / elo_generate against independent computations: Elo by hand and by
 a plain Python loop, Bradley-Terry in closed form and by Hunter's MM iteration, the released data
 re-read with the standard library."""
 import csv
@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlora_mini.elo import (bradley_terry, elo_bootstrap, elo_ratings, elo_tournament,
+from qlora_mini.studies.elo import (bradley_terry, elo_bootstrap, elo_ratings, elo_tournament,
                             elo_update, expected_score, order_consistency, separability,
                             win_rate_matrix)
-from qlora_mini.elo_checks import (check_bradley_terry, check_elo_update, check_spread,
+from qlora_mini.exercises.elo import (check_bradley_terry, check_elo_update, check_spread,
                                    check_win_rate_matrix, random_games, spread)
 from qlora_mini.exercises import ExerciseFailed
-from qlora_mini.elo_data import (DATA, MODELS, load_paper_verdicts, load_relative_scores,
+from qlora_mini.studies.elo_data import (DATA, MODELS, load_paper_verdicts, load_relative_scores,
                                  percent_of_chatgpt)
 
 
@@ -244,7 +244,7 @@ def test_checks_pass_the_reference_and_fail_a_wrong_answer(capsys):
 
 
 def test_generation_command_writes_the_reference_layout(tmp_path):
-    from qlora_mini.elo_generate import main
+    from qlora_mini.studies.elo_generate import main
     out = main(["--output", str(tmp_path / "gen.jsonl"), "--limit", "2",
                 "--max-new-tokens", "4"])
     lines = [json.loads(l) for l in out.read_text().splitlines()]

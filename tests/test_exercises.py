@@ -9,7 +9,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qlora_mini.exercises import CHECKS, ExerciseFailed, check
+from qlora_mini.exercises import ExerciseFailed, check, checks
+
+CHECKS = checks()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -48,7 +50,7 @@ def test_every_exercise_is_an_assignment(path):
         starter = next(c for c in nb.cells[i + 1:] if c.cell_type == "code")
         assert "starter" in starter.metadata.get("tags", []), f"{label}: no starter cell after it"
         assert f'check("{label}"' in starter.source, f"{label}: the starter does not name its check"
-        assert label in CHECKS, f"{label}: no check registered in qlora_mini.exercises.CHECKS"
+        assert label in CHECKS, f"{label}: no check in qlora_mini.exercises.checks()"
         assert solved(nb, label), f"{label}: no solution"
     assert "## Exercises" in "".join(c.source for c in nb.cells[:found[0][2] + 1])
 
@@ -106,14 +108,14 @@ def test_strip_solutions_handles_blocks_and_gated_cells():
 def test_minifloat_reference_is_bitsandbytes_e3m0():
     """ex-12-3's reference builder, checked where bitsandbytes has the same convention (E3M0)."""
     import torch
-    from qlora_mini.datatypes import e3m0_code
-    from qlora_mini.datatypes_checks import minifloat_code
+    from qlora_mini.studies.datatypes import e3m0_code
+    from qlora_mini.exercises.datatypes import minifloat_code
     assert torch.equal(minifloat_code(3, 0), e3m0_code().double().sort().values)
 
 
 def test_ieee_e2m1_reference_is_the_ocp_table():
     """ex-02-3's reference against the OCP Microscaling spec's E2M1 magnitudes (a table, not code)."""
     import numpy as np
-    from qlora_mini.codebooks_checks import ieee_e2m1
+    from qlora_mini.exercises.normalfloat import ieee_e2m1
     spec = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
     assert np.allclose(np.sort(np.unique(np.abs(ieee_e2m1()))), spec)

@@ -1,4 +1,4 @@
-"""`python -m qlora_mini.experiments datatypes` on a tiny local model: the JSON it writes
+"""`python -m qlora_mini.studies.experiments datatypes` on a tiny local model: the JSON it writes
 (entries, provenance), that a rerun resumes instead of recomputing, and the CLI; with
 chapter 13's sweep command, how both refuse a damaged results file or an unknown size."""
 import json
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from qlora_mini import experiments as E
-from qlora_mini.datatypes import DATA_TYPES, window_nll
+from qlora_mini.studies import experiments as E
+from qlora_mini.studies.datatypes import DATA_TYPES, window_nll
 from tiny_model import make_tiny_model
 
 
@@ -70,11 +70,11 @@ def assert_one_line_error(run: subprocess.CompletedProcess, says: str):
 @pytest.mark.processes
 @pytest.mark.parametrize("damage, says", [('{"entries": {"16-bit": {"nll": [4.1, ', "not valid JSON"),
                                           ('{"runs": [], "entries": []}', "object, so no run")])
-@pytest.mark.parametrize("module", ["qlora_mini.experiments", "qlora_mini.finetuning"])
+@pytest.mark.parametrize("module", ["qlora_mini.studies.experiments", "qlora_mini.studies.finetuning"])
 def test_a_damaged_results_file_is_refused_and_kept(tiny_dir, tmp_path, module, damage, says):
     """A truncated file, or one of another shape, where the sweep would resume: one line naming
     it, exit 2, the file as it was (chapter 12's sweep and chapter 13's both read it back)."""
-    if module == "qlora_mini.experiments":
+    if module == "qlora_mini.studies.experiments":
         path, args = tmp_path / f"{str(tiny_dir).replace('/', '--')}-seed0.json", ["datatypes"]
     else:
         path, args = tmp_path / f"{tiny_dir.name}.json", ["compare", "--seeds", "0"]
@@ -85,8 +85,8 @@ def test_a_damaged_results_file_is_refused_and_kept(tiny_dir, tmp_path, module, 
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("module, args", [("qlora_mini.experiments", ["datatypes"]),
-                                          ("qlora_mini.finetuning", ["compare"])])
+@pytest.mark.parametrize("module, args", [("qlora_mini.studies.experiments", ["datatypes"]),
+                                          ("qlora_mini.studies.finetuning", ["compare"])])
 def test_an_unknown_size_is_refused_before_any_work(tmp_path, module, args):
     out = tmp_path / "out"
     run = command(module, *args, "--sizes", "h999-l1", "--out", str(out))

@@ -2,7 +2,7 @@
 (the default model's own for the smallest size). Nothing here pretrains a family model."""
 import pytest
 
-from qlora_mini import family as F
+from qlora_mini.studies import family as F
 from qlora_mini.model import MODEL_CONFIG
 
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 import torch
 
-from qlora_mini import finetuning as F
+from qlora_mini.studies import finetuning as F
 from qlora_mini.lora import LoRALinear
 from qlora_mini.model import load_model, weights_sha256
 from qlora_mini.train import train

@@ -2,7 +2,8 @@
 
 A notebook names its module once, in a cell line ``#| default_exp storage``; every code cell whose
 first line is ``#| export`` is copied, in order, into ``qlora_mini/storage.py`` under a header that
-names the notebook (``#| export other`` sends a cell to ``qlora_mini/other.py`` instead). The
+names the notebook (``#| export other`` sends a cell to ``qlora_mini/other.py`` instead, and a dotted
+name, ``#| export exercises.storage``, to ``qlora_mini/exercises/storage.py``). The
 cells' top-level imports are hoisted to the top of the module, once each, so a reader of the module
 sees its dependencies in one place. ``python tools/export.py`` writes the modules and deletes
 orphans (generated modules that no notebook exports any more); ``--check`` writes nothing and exits 1
@@ -100,12 +101,18 @@ def render(nb_path: Path) -> dict[Path, str]:
         if name is None:
             raise SystemExit(f"{nb_path.name}: '#| export' without a '#| default_exp NAME' line")
         modules.setdefault(name, []).append("\n".join(lines[1:]))
-    return {ROOT / "qlora_mini" / f"{n}.py": assemble(header, cells) for n, cells in modules.items()}
+    return {module_path(n): assemble(header, cells) for n, cells in modules.items()}
+
+
+def module_path(name: str) -> Path:
+    """``storage`` -> qlora_mini/storage.py; a dotted name ``exercises.storage`` -> the module in a
+    subpackage, qlora_mini/exercises/storage.py (the subpackage's ``__init__.py`` is hand-written)."""
+    return ROOT / "qlora_mini" / Path(*name.split(".")).with_suffix(".py")
 
 
 def generated_modules() -> set[Path]:
     """Modules in qlora_mini/ whose first line says the exporter wrote them."""
-    return {p for p in (ROOT / "qlora_mini").glob("*.py")
+    return {p for p in (ROOT / "qlora_mini").rglob("*.py")
             if p.read_text().startswith(MARK)}
 
 
@@ -118,6 +125,7 @@ def _write_or_compare(path: Path, text: str, source: str, check: bool) -> bool:
         sys.stdout.writelines(difflib.unified_diff(
             old.splitlines(True), text.splitlines(True), str(path), f"{source} (export)"))
     else:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path.relative_to(ROOT)}")
     return True

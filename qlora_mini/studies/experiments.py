@@ -14,11 +14,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from qlora_mini.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
-from qlora_mini.family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.model import (MODEL_CONFIG, TRAIN_CONFIG, cache_dir, default_model_dir,
                               load_model, load_tokenizer, shipped_model_dir, stdlib_corpus,
                               token_stream, weights_sha256)
+from qlora_mini.studies.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
+from qlora_mini.studies.family import FAMILY, family_model_dir, family_parameters
 
 
 def provenance() -> dict:
@@ -179,7 +179,7 @@ def run_rebuild(seeds=(0,), out_dir="results/rebuild", progress: bool = True) ->
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qlora_mini.experiments",
+    parser = argparse.ArgumentParser(prog="python -m qlora_mini.studies.experiments",
                                      description="Run a book experiment; results go to JSON.")
     parser.add_argument("experiment", choices=["datatypes", "rebuild"])
     parser.add_argument("--sizes", nargs="+", default=["h128-l4", "h160-l6", "h192-l6"],

@@ -5,8 +5,8 @@ fresh random inputs (qlora_mini.exercises runs them)."""
 import numpy as np
 import torch
 
-from qlora_mini.datatypes import DATA_TYPES, data_type_code, fake_quantize, paired_ratio
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises.grading import close_arrays, compare
+from qlora_mini.studies.datatypes import DATA_TYPES, data_type_code, fake_quantize, paired_ratio
 
 
 def random_result(rng, n_windows: int) -> dict:

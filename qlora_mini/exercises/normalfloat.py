@@ -8,7 +8,7 @@ from scipy.stats import shapiro
 import torch
 
 from qlora_mini.codebooks import get_code
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises.grading import close_arrays, compare
 from qlora_mini.quantization import dequantize_blockwise, normalized_mse, quantize_blockwise
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from scipy.stats import norm
 import torch
 
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises.grading import close_arrays, compare
 from qlora_mini.quantization import linear_code, quantize_blockwise, quantile_code, round_to_code
 
 

@@ -5,7 +5,7 @@ inputs (qlora_mini.exercises runs them)."""
 import numpy as np
 import torch
 
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises.grading import close_arrays, compare
 import qlora_mini.storage as storage  # as a module: this notebook defines the same names
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 # the package's data folder: importlib finds it from a module and from a
 # notebook (which has no __file__)
-DATA = Path(str(files("qlora_mini"))) / "data" / "qlora_eval"
+DATA = Path(str(files("qlora_mini"))) / "studies" / "data" / "qlora_eval"
 BENCHMARKS = {"vicuna": 80, "oa": 953}  # benchmark -> number of prompts
 MODELS = ("gpt-4", "chatgpt", "bard", "vicuna-13b",
           "guanaco-7b", "guanaco-13b", "guanaco-33b", "guanaco-65b")

@@ -4,9 +4,9 @@
 fresh random inputs (qlora_mini.exercises runs them)."""
 import numpy as np
 
-from qlora_mini.exercises import compare, close_arrays
-from qlora_mini.finetuning import VARIANTS, accounted_bytes, run_key, seed_interval
-from qlora_mini.lora_checks import equal_rank, random_llama_config
+from qlora_mini.exercises.grading import compare, close_arrays
+from qlora_mini.exercises.lora import equal_rank, random_llama_config
+from qlora_mini.studies.finetuning import VARIANTS, accounted_bytes, run_key, seed_interval
 
 
 def random_runs(rng, n_seeds: int) -> dict:

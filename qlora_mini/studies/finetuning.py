@@ -17,15 +17,15 @@ from transformers import AutoConfig
 
 from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import collate, pad_token_id
-from qlora_mini.datatypes import quantize_linears
 from qlora_mini.evaluate import eval_loss, make_stdlib_mcq, mcq_accuracy
-from qlora_mini.experiments import _same_weights, _write, check_sizes, provenance, read_results
-from qlora_mini.family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.lora import add_lora, enable_gradient_checkpointing
 from qlora_mini.memory import count_parameters, meta_model, qlora_memory, storage_bytes
 from qlora_mini.model import load_model, load_tokenizer, weights_sha256
 from qlora_mini.recipe import build_model, lr_factor, make_optimizer
+from qlora_mini.studies.datatypes import quantize_linears
+from qlora_mini.studies.experiments import _same_weights, _write, check_sizes, provenance, read_results
+from qlora_mini.studies.family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.train import Run, TrainingDiverged, tokenized_splits, train_step
 
 
@@ -238,7 +238,7 @@ def verdict(gap: dict, claim: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_mini.finetuning",
+    parser = argparse.ArgumentParser(prog="python -m qlora_mini.studies.finetuning",
                                      description="Chapter 13's finetuning sweeps; results to JSON.")
     parser.add_argument("sweeps", nargs="+", choices=list(SWEEPS))
     parser.add_argument("--sizes", nargs="+", default=["h128-l4", "h192-l6"],

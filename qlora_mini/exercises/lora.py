@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig
 
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises.grading import close_arrays, compare
 from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.memory import meta_model
 

@@ -5,8 +5,8 @@ fresh random tournaments (qlora_mini.exercises runs them)."""
 import numpy as np
 import pandas as pd
 
-from qlora_mini.elo import bradley_terry, elo_tournament, elo_update, win_rate_matrix
-from qlora_mini.exercises import close_arrays, compare
+from qlora_mini.exercises.grading import close_arrays, compare
+from qlora_mini.studies.elo import bradley_terry, elo_tournament, elo_update, win_rate_matrix
 
 
 def random_games(n_models: int = 4, n_games: int = 60,

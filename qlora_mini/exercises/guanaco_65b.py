@@ -5,8 +5,8 @@ inputs (qlora_mini.exercises runs them)."""
 import numpy as np
 from transformers import LlamaConfig
 
-from qlora_mini.exercises import close_arrays, compare
-from qlora_mini.linear4bit_checks import longest   # chapter 5's bisection
+from qlora_mini.exercises.grading import close_arrays, compare
+from qlora_mini.exercises.linear4bit import longest   # chapter 5's bisection
 
 
 def check_longest(student_fn, n: int = 30, seed=None) -> None:

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import torch
 
-from qlora_mini.exercises import compare
+from qlora_mini.exercises.grading import compare
 from qlora_mini.storage import dequantize_4bit, quantize_4bit, storage_nbytes
 
 

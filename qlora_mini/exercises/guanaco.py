@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import torch
 
 from qlora_mini.data import stdlib_qa, tokenize_example
-from qlora_mini.exercises import compare
+from qlora_mini.exercises.grading import compare
 from qlora_mini.model import train_tokenizer
 
 

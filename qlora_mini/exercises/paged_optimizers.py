@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_mini.exercises import compare
-from qlora_mini.lora_checks import random_llama_config   # chapter 6's random configurations
+from qlora_mini.exercises.grading import compare
+from qlora_mini.exercises.lora import random_llama_config   # chapter 6's random configurations
 from qlora_mini.memory import activation_terms, saved_tensor_bytes
 
 

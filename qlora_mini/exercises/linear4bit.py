@@ -8,7 +8,7 @@ import torch.nn as nn
 from transformers import GPT2Config, LlamaConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from qlora_mini.exercises import compare
+from qlora_mini.exercises.grading import compare
 import qlora_mini.linear4bit as linear4bit   # as modules: chapter 5's notebook defines these names
 import qlora_mini.memory as memory
 

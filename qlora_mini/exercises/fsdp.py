@@ -5,8 +5,8 @@ accounting on fresh random configurations (qlora_mini.exercises runs them)."""
 import numpy as np
 
 import qlora_mini.distributed as distributed   # as a module: chapter 11 defines these names
-from qlora_mini.exercises import close_arrays, compare
-from qlora_mini.lora_checks import random_llama_config
+from qlora_mini.exercises.grading import close_arrays, compare
+from qlora_mini.exercises.lora import random_llama_config
 from qlora_mini.memory import qlora_memory
 
 

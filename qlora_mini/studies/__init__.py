@@ -1,0 +1,10 @@
+"""The book's studies (hand-written plumbing): the experiments that test the paper's findings.
+
+- chapter 9, the Elo tournament: ``elo`` (ratings and their intervals), ``elo_data`` (the paper's
+  released GPT-4 verdicts, shipped in ``data/qlora_eval/``), ``elo_generate`` (a model's answers);
+- chapter 12, data types: ``family`` (the model family), ``datatypes`` (storage by data type and
+  held-out NLL), ``experiments`` (the resumable sweep command);
+- chapter 13, QLoRA against 16-bit finetuning: ``finetuning``.
+
+Each module is generated from its chapter's notebook. This file imports none of them.
+"""
