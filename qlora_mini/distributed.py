@@ -13,7 +13,6 @@ from qlora_mini.checkpoint import whole
 from qlora_mini.lora import lora_layers
 from qlora_mini.memory import meta_model, qlora_memory
 from qlora_mini.recipe import OneProcess, register_processes
-from qlora_mini.utils import add_to_class
 
 
 def init_distributed() -> tuple[int, int]:
@@ -163,30 +162,24 @@ class FSDPProcesses(OneProcess):
     def shard(self, model):
         return shard_qlora(model)
 
+    def rank0(self, fn) -> None:
+        error = [None]
+        if self.rank == 0:
+            try:
+                fn()
+            except Exception as e:   # raised on every process: none waits
+                error[0] = e
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
 
-@add_to_class(FSDPProcesses)
-def rank0(self, fn) -> None:
-    error = [None]
-    if self.rank == 0:
-        try:
-            fn()
-        except Exception as e:   # raised on every process: none waits
-            error[0] = e
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise error[0]
+    def mean(self, x: float) -> float:
+        return mean_over_processes(torch.tensor(x, dtype=torch.float64, device=_device())).item()
 
-
-@add_to_class(FSDPProcesses)
-def mean(self, x: float) -> float:
-    return mean_over_processes(torch.tensor(x, dtype=torch.float64, device=_device())).item()
-
-
-@add_to_class(FSDPProcesses)
-def gather(self, obj) -> list:
-    out = [None] * self.world
-    dist.all_gather_object(out, obj)
-    return out
+    def gather(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def _device() -> str:

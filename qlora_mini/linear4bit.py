@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from qlora_mini.storage import (FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState4bit,
                                 check_bnb_blocksize, dequantize_4bit, quantize_4bit,
                                 storage_nbytes)
-from qlora_mini.utils import add_to_class, ceil_div, default_compute_dtype
+from qlora_mini.utils import ceil_div, default_compute_dtype
 
 
 STATE_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")  # tensors of a state
@@ -100,105 +100,87 @@ class Linear4bit(nn.Module):
         if self.packed.device.type != "meta":
             self.reset_parameters()
 
+    @torch.no_grad()
+    def set_weight(self, W):
+        """Quantize W (out_features, in_features) into this layer's buffers."""
+        if tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"W must have shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
+        packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type,
+                                      self.double_quant)           # (numel/2,) uint8
+        self.packed = nn.Parameter(_as_storage(packed, self.quant_storage), requires_grad=False)
+        for name in STATE_FIELDS:
+            setattr(self, name, getattr(state, name))
+        self.weight_dtype = W.dtype
 
-@add_to_class(Linear4bit)
-@torch.no_grad()
-def set_weight(self, W):
-    """Quantize W (out_features, in_features) into this layer's buffers."""
-    if tuple(W.shape) != (self.out_features, self.in_features):
-        raise ValueError(f"W must have shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
-    packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type,
-                                  self.double_quant)           # (numel/2,) uint8
-    self.packed = nn.Parameter(_as_storage(packed, self.quant_storage), requires_grad=False)
-    for name in STATE_FIELDS:
-        setattr(self, name, getattr(state, name))
-    self.weight_dtype = W.dtype
+    def reset_parameters(self):
+        """Initialize like nn.Linear (Kaiming-uniform weight, uniform bias), then quantize."""
+        ref = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.packed.device)
+        self.set_weight(ref.weight.detach().to(self.weight_dtype))
+        if self.bias is not None:
+            self.bias.data.copy_(ref.bias.detach())
 
+    @property
+    def packed_bytes(self) -> torch.Tensor:
+        """The packed codes as (numel/2,) uint8, whatever quant_storage holds them."""
+        n = ceil_div(self.in_features * self.out_features, 2)
+        return self.packed.reshape(-1).view(torch.uint8)[:n]
 
-@add_to_class(Linear4bit)
-def reset_parameters(self):
-    """Initialize like nn.Linear (Kaiming-uniform weight, uniform bias), then quantize."""
-    ref = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                    device=self.packed.device)
-    self.set_weight(ref.weight.detach().to(self.weight_dtype))
-    if self.bias is not None:
-        self.bias.data.copy_(ref.bias.detach())
+    @property
+    def state(self) -> QuantState4bit:
+        """The QuantState4bit of the weight; its tensors are this layer's buffers."""
+        return QuantState4bit(**{f: getattr(self, f) for f in STATE_FIELDS},
+                              shape=torch.Size((self.out_features, self.in_features)),
+                              dtype=self.weight_dtype, blocksize=self.blocksize,
+                              quant_type=self.quant_type)
 
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The weight as a (out_features, in_features) tensor in dtype (default: the dtype it was
+        quantized from)."""
+        return dequantize_4bit(self.packed_bytes, self.state, dtype)
 
-@add_to_class(Linear4bit)
-@property
-def packed_bytes(self) -> torch.Tensor:
-    """The packed codes as (numel/2,) uint8, whatever quant_storage holds them."""
-    n = ceil_div(self.in_features * self.out_features, 2)
-    return self.packed.reshape(-1).view(torch.uint8)[:n]
+    @classmethod
+    def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=None,
+                    blocksize=64, quant_storage=torch.uint8):
+        """A Linear4bit holding linear's weight in 4 bits and a frozen copy of its bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        compute_dtype = compute_dtype or default_compute_dtype(linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+                    compute_dtype=compute_dtype, quant_storage=quant_storage, device="meta")
+        layer.set_weight(linear.weight)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
 
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have in_features={self.in_features} as its last dimension, "
+                             f"got shape {tuple(x.shape)}")
+        x = x.to(self.compute_dtype)                                    # (..., in) compute dtype
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return DequantMatmul4bit.apply(x, bias, self.packed_bytes, self.state)  # (..., out)
 
-@add_to_class(Linear4bit)
-@property
-def state(self) -> QuantState4bit:
-    """The QuantState4bit of the weight; its tensors are this layer's buffers."""
-    return QuantState4bit(**{f: getattr(self, f) for f in STATE_FIELDS},
-                          shape=torch.Size((self.out_features, self.in_features)),
-                          dtype=self.weight_dtype, blocksize=self.blocksize,
-                          quant_type=self.quant_type)
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, double_quant={self.double_quant}, blocksize={self.blocksize}, "
+                f"compute_dtype={self.compute_dtype}")
 
-
-@add_to_class(Linear4bit)
-def dequantize(self, dtype=None) -> torch.Tensor:
-    """The weight as a (out_features, in_features) tensor in dtype (default: the dtype it was
-    quantized from)."""
-    return dequantize_4bit(self.packed_bytes, self.state, dtype)
-
-
-@add_to_class(Linear4bit)
-@classmethod
-def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=None,
-                blocksize=64, quant_storage=torch.uint8):
-    """A Linear4bit holding linear's weight in 4 bits and a frozen copy of its bias."""
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    compute_dtype = compute_dtype or default_compute_dtype(linear.weight.device)
-    layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
-                compute_dtype=compute_dtype, quant_storage=quant_storage, device="meta")
-    layer.set_weight(linear.weight)
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return layer
-
-
-@add_to_class(Linear4bit)
-def forward(self, x):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() == 0 or x.shape[-1] != self.in_features:
-        raise ValueError(f"x must have in_features={self.in_features} as its last dimension, "
-                         f"got shape {tuple(x.shape)}")
-    x = x.to(self.compute_dtype)                                    # (..., in) compute dtype
-    bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-    return DequantMatmul4bit.apply(x, bias, self.packed_bytes, self.state)  # (..., out)
-
-
-@add_to_class(Linear4bit)
-def extra_repr(self):
-    return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant_type={self.quant_type}, double_quant={self.double_quant}, blocksize={self.blocksize}, "
-            f"compute_dtype={self.compute_dtype}")
-
-
-@add_to_class(Linear4bit)
-def _apply(self, fn, recurse=True):
-    """nn.Module._apply (behind .to(), .cuda(), .half(), ...), but the 4-bit buffers and the
-    packed codes keep their dtypes: a dtype cast moves them to the new device and nothing else."""
-    old = {name: b for name, b in self._buffers.items() if b is not None}
-    packed = self.packed.data                    # its bytes, even when stored as bf16
-    nn.Module._apply(self, fn, recurse)
-    for name, b in old.items():
-        if self._buffers[name].dtype != b.dtype:
-            self._buffers[name] = b.to(self._buffers[name].device)
-    if self.packed.dtype != packed.dtype:
-        self.packed = nn.Parameter(packed.to(self.packed.device), requires_grad=False)
-    return self
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (behind .to(), .cuda(), .half(), ...), but the 4-bit buffers and the
+        packed codes keep their dtypes: a dtype cast moves them to the new device and nothing else."""
+        old = {name: b for name, b in self._buffers.items() if b is not None}
+        packed = self.packed.data                    # its bytes, even when stored as bf16
+        nn.Module._apply(self, fn, recurse)
+        for name, b in old.items():
+            if self._buffers[name].dtype != b.dtype:
+                self._buffers[name] = b.to(self._buffers[name].device)
+        if self.packed.dtype != packed.dtype:
+            self.packed = nn.Parameter(packed.to(self.packed.device), requires_grad=False)
+        return self
 
 
 def _ends_with(name: str, suffix: str) -> bool:

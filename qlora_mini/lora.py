@@ -10,7 +10,6 @@ import torch.nn as nn
 
 from qlora_mini.linear4bit import Linear4bit, linear_layer_names, quantize_model, replace_module
 from qlora_mini.policy import DTYPE_POLICIES, apply_dtype_policy
-from qlora_mini.utils import add_to_class
 
 
 def check_lora_args(r, alpha, dropout) -> None:
@@ -58,13 +57,41 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
 
+    def forward(self, x):
+        y = self.base(x).to(x.dtype)                       # (..., out) computed in compute dtype
+        x = x.to(self.lora_A.weight.dtype)                 # (..., in) the adapters' dtype
+        h = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out) adapters' dtype
+        return y + h.to(y.dtype)
 
-@add_to_class(LoRALinear)
-def forward(self, x):
-    y = self.base(x).to(x.dtype)                       # (..., out) computed in compute dtype
-    x = x.to(self.lora_A.weight.dtype)                 # (..., in) the adapters' dtype
-    h = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out) adapters' dtype
-    return y + h.to(y.dtype)
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A: the (out_features, in_features) float32 update LoRA adds to W."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def base_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return self.base.dequantize(dtype) if isinstance(self.base, Linear4bit) else self.base.weight.to(dtype)
+
+    @torch.no_grad()
+    def merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
+        """A plain nn.Linear with W' = dequantize(W) + scaling * B @ A, summed in float32 and stored in
+        dtype: the merge PEFT recommends for a 4-bit base (then quantize again, or don't)."""
+        W = self.base_weight(torch.float32) + self.delta_weight()   # (out, in) float32
+        bias = self.base.bias
+        merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                           device=W.device, dtype=dtype).requires_grad_(False)
+        merged.weight.copy_(W)
+        if bias is not None:
+            merged.bias.copy_(bias)
+        return merged
+
+    @torch.no_grad()
+    def merge_to_4bit(self, **quant_options) -> Linear4bit:
+        """Quantize dequantize(W) + scaling * B @ A into a new Linear4bit (what merging into a 4-bit
+        base does): the update survives only where it moves a weight across a rounding boundary."""
+        b = self.base
+        options = dict(quant_type=b.quant_type, double_quant=b.double_quant, blocksize=b.blocksize,
+                       compute_dtype=b.compute_dtype) if isinstance(b, Linear4bit) else {}
+        return Linear4bit.from_linear(self.merge_to_16bit(torch.float32), **{**options, **quant_options})
 
 
 def add_lora(model, targets: list[str], r: int = 64, alpha: float = 16, dropout: float = 0.05,
@@ -246,44 +273,6 @@ def load_adapter(model, directory, **prepare_options):
                 getattr(m, ab).weight.copy_(tensors[f"{PEFT_PREFIX}{name}.{ab}.weight"])
             m.r, m.alpha, m.scaling = config["r"], config["lora_alpha"], config["lora_alpha"] / config["r"]
     return model
-
-
-@add_to_class(LoRALinear)
-@torch.no_grad()
-def delta_weight(self) -> torch.Tensor:
-    """scaling * B @ A: the (out_features, in_features) float32 update LoRA adds to W."""
-    return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-
-
-@add_to_class(LoRALinear)
-def base_weight(self, dtype=torch.float32) -> torch.Tensor:
-    return self.base.dequantize(dtype) if isinstance(self.base, Linear4bit) else self.base.weight.to(dtype)
-
-
-@add_to_class(LoRALinear)
-@torch.no_grad()
-def merge_to_16bit(self, dtype=torch.bfloat16) -> nn.Linear:
-    """A plain nn.Linear with W' = dequantize(W) + scaling * B @ A, summed in float32 and stored in
-    dtype: the merge PEFT recommends for a 4-bit base (then quantize again, or don't)."""
-    W = self.base_weight(torch.float32) + self.delta_weight()   # (out, in) float32
-    bias = self.base.bias
-    merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                       device=W.device, dtype=dtype).requires_grad_(False)
-    merged.weight.copy_(W)
-    if bias is not None:
-        merged.bias.copy_(bias)
-    return merged
-
-
-@add_to_class(LoRALinear)
-@torch.no_grad()
-def merge_to_4bit(self, **quant_options) -> Linear4bit:
-    """Quantize dequantize(W) + scaling * B @ A into a new Linear4bit (what merging into a 4-bit
-    base does): the update survives only where it moves a weight across a rounding boundary."""
-    b = self.base
-    options = dict(quant_type=b.quant_type, double_quant=b.double_quant, blocksize=b.blocksize,
-                   compute_dtype=b.compute_dtype) if isinstance(b, Linear4bit) else {}
-    return Linear4bit.from_linear(self.merge_to_16bit(torch.float32), **{**options, **quant_options})
 
 
 def merge_qlora(model, dtype=torch.bfloat16, quantize: bool = False):

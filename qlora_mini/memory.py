@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 from qlora_mini.linear4bit import linear4bit_nbytes, linear_layer_names
-from qlora_mini.utils import add_to_class
 from qlora_mini.utils import ceil_div
 
 
@@ -38,23 +37,17 @@ class SavedTensors:
             self.nbytes += nbytes
         return t
 
+    def new_group(self, *_):
+        if self.nbytes:
+            self.groups.append(self.nbytes)
+        self.storages, self.nbytes = {}, 0
 
-@add_to_class(SavedTensors)
-def new_group(self, *_):
-    if self.nbytes:
-        self.groups.append(self.nbytes)
-    self.storages, self.nbytes = {}, 0
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
 
-
-@add_to_class(SavedTensors)
-def __enter__(self):
-    self._hooks.__enter__()
-    return self
-
-
-@add_to_class(SavedTensors)
-def __exit__(self, *exc):
-    self._hooks.__exit__(*exc)
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
 
 
 def _storage_key(t):

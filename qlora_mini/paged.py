@@ -7,8 +7,6 @@ import warnings
 
 import torch
 
-from qlora_mini.utils import add_to_class
-
 
 # the package's folder: importlib finds it, in the module and in a notebook (no __file__ there)
 CSRC = Path(str(files("qlora_mini"))) / "csrc"  # paged_alloc.cpp / .cu / .h
@@ -123,66 +121,60 @@ class PagedAdamW(torch.optim.Optimizer):
                           "states are ordinary tensors (no unified memory, no paging); the "
                           "update is AdamW's all the same.", UserWarning, stacklevel=2)
 
+    def _zeros(self, p: torch.Tensor) -> torch.Tensor:
+        """A float32 state buffer like p: managed memory on CUDA, counted in paged_bytes."""
+        if not self.unified:
+            return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        nbytes = 4 * p.numel()
+        if self.max_paged_bytes is not None and self.paged_bytes + nbytes > self.max_paged_bytes:
+            raise MemoryError(f"PagedAdamW: {self.paged_bytes + nbytes} bytes of managed memory "
+                              f"would exceed max_paged_bytes={self.max_paged_bytes}")
+        self.paged_bytes += nbytes
+        return paged_zeros(p.shape, p.device)
 
-@add_to_class(PagedAdamW)
-def _zeros(self, p: torch.Tensor) -> torch.Tensor:
-    """A float32 state buffer like p: managed memory on CUDA, counted in paged_bytes."""
-    if not self.unified:
-        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-    nbytes = 4 * p.numel()
-    if self.max_paged_bytes is not None and self.paged_bytes + nbytes > self.max_paged_bytes:
-        raise MemoryError(f"PagedAdamW: {self.paged_bytes + nbytes} bytes of managed memory "
-                          f"would exceed max_paged_bytes={self.max_paged_bytes}")
-    self.paged_bytes += nbytes
-    return paged_zeros(p.shape, p.device)
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"], state["exp_avg_sq"] = self._zeros(p), self._zeros(p)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW update of every parameter that has a gradient; returns closure()'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for params in chunks([p for p in group["params"] if p.grad is not None]):
+                states = [self._state(p) for p in params]
+                if self.unified:  # page the states in before the update touches them
+                    for p, s in zip(params, states):
+                        prefetch(s["exp_avg"], p.device.index)
+                        prefetch(s["exp_avg_sq"], p.device.index)
+                p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+                adamw_update_foreach(
+                    p32, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"])
+                for p, q in zip(params, p32):
+                    if q is not p:
+                        p.copy_(q)
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """torch.optim.Optimizer.load_state_dict, then (on CUDA) the states into managed memory."""
+        torch.optim.Optimizer.load_state_dict(self, state_dict)
+        self.paged_bytes = 0  # the loaded states replaced ours
+        if self.unified:
+            for p, state in self.state.items():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if torch.is_tensor(state.get(key)):
+                        buf = self._zeros(p)
+                        buf.copy_(state[key])
+                        state[key] = buf
 
 
-@add_to_class(PagedAdamW)
-def _state(self, p: torch.Tensor) -> dict:
-    state = self.state[p]
-    if not state:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"], state["exp_avg_sq"] = self._zeros(p), self._zeros(p)
-    return state
-
-
-@add_to_class(PagedAdamW)
-@torch.no_grad()
-def step(self, closure=None):
-    """One AdamW update of every parameter that has a gradient; returns closure()'s loss."""
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    for group in self.param_groups:
-        beta1, beta2 = group["betas"]
-        for params in chunks([p for p in group["params"] if p.grad is not None]):
-            states = [self._state(p) for p in params]
-            if self.unified:  # page the states in before the update touches them
-                for p, s in zip(params, states):
-                    prefetch(s["exp_avg"], p.device.index)
-                    prefetch(s["exp_avg_sq"], p.device.index)
-            p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
-            adamw_update_foreach(
-                p32, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"])
-            for p, q in zip(params, p32):
-                if q is not p:
-                    p.copy_(q)
-    return loss
-
-
-@add_to_class(PagedAdamW)
-def load_state_dict(self, state_dict):
-    """torch.optim.Optimizer.load_state_dict, then (on CUDA) the states into managed memory."""
-    torch.optim.Optimizer.load_state_dict(self, state_dict)
-    self.paged_bytes = 0  # the loaded states replaced ours
-    if self.unified:
-        for p, state in self.state.items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if torch.is_tensor(state.get(key)):
-                    buf = self._zeros(p)
-                    buf.copy_(state[key])
-                    state[key] = buf

@@ -9,7 +9,7 @@ from qlora_mini.backends import _backend  # the registry (its own module: the ce
 from qlora_mini.codebooks import get_code
 from qlora_mini.quantization import _check_finite, _check_tensor  # chapter 1's input checks
 from qlora_mini.quantization import round_to_code  # chapter 1: index of the nearest level
-from qlora_mini.utils import add_to_class, ceil_div
+from qlora_mini.utils import ceil_div
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,21 +53,18 @@ class QuantState4bit:
     def n_blocks(self) -> int:
         return ceil_div(self.numel, self.blocksize)
 
+    def to(self, device) -> "QuantState4bit":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, absmax=move(self.absmax), code=move(self.code), offset=move(self.offset),
+                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
 
-@add_to_class(QuantState4bit)
-def to(self, device) -> "QuantState4bit":
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return replace(self, absmax=move(self.absmax), code=move(self.code), offset=move(self.offset),
-                   nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code))
-
-@add_to_class(QuantState4bit)
-def nbytes(self, include_codebooks: bool = False) -> int:
-    """Bytes of the quantization constants. The codebooks (16 and 256 floats) are the same
-    for every tensor of a model, so by default they are not charged to this one."""
-    parts = [self.absmax, self.offset, self.nested_absmax]
-    if include_codebooks:
-        parts += [self.code, self.nested_code]
-    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+    def nbytes(self, include_codebooks: bool = False) -> int:
+        """Bytes of the quantization constants. The codebooks (16 and 256 floats) are the same
+        for every tensor of a model, so by default they are not charged to this one."""
+        parts = [self.absmax, self.offset, self.nested_absmax]
+        if include_codebooks:
+            parts += [self.code, self.nested_code]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def check_bnb_blocksize(blocksize) -> None:

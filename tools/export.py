@@ -5,7 +5,9 @@ first line is ``#| export`` is copied, in order, into ``qlora_mini/storage.py`` 
 names the notebook (``#| export other`` sends a cell to ``qlora_mini/other.py`` instead, and a dotted
 name, ``#| export exercises.storage``, to ``qlora_mini/exercises/storage.py``). The
 cells' top-level imports are hoisted to the top of the module, once each, so a reader of the module
-sees its dependencies in one place. ``python tools/export.py`` writes the modules and deletes
+sees its dependencies in one place, and a method that a later cell adds to a class with
+``@add_to_class(Cls)`` is folded back into the class when the module defines it (as d2lbook does),
+so the module reads as one class. ``python tools/export.py`` writes the modules and deletes
 orphans (generated modules that no notebook exports any more); ``--check`` writes nothing and exits 1
 when a module differs from what its notebook would produce, or is an orphan (CI runs it as a test).
 
@@ -82,7 +84,68 @@ def assemble(header: str, cells: list[str]) -> str:
     groups = [sorted((i for i in imports if _group(i) == g), key=lambda i: i.split()[1])
               for g in range(4)]
     block = "\n\n".join("\n".join(g) for g in groups if g) + "\n" if imports else ""
-    return "\n\n".join([header + doc + block] + bodies)
+    return fold_methods("\n\n".join([header + doc + block] + bodies))
+
+
+def _adds_to(node) -> str | None:
+    """``Cls`` when a top-level function is decorated first with ``@add_to_class(Cls)``."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.decorator_list:
+        d = node.decorator_list[0]
+        if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "add_to_class" \
+                and len(d.args) == 1 and isinstance(d.args[0], ast.Name):
+            return d.args[0].id
+    return None
+
+
+def fold_methods(text: str) -> str:
+    """Fold each method that a later cell adds with ``@add_to_class(Cls)`` back into ``class Cls``
+    when the class is defined in the same module (as d2lbook does): the notebook grows the class
+    cell by cell, the module shows it whole. The method moves, with the comment lines right above
+    it, to the end of the class body, in notebook order, minus its ``@add_to_class`` line."""
+    tree = ast.parse(text)
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    lines = text.splitlines()
+    moves = [(n, _adds_to(n)) for n in tree.body if _adds_to(n) in classes]
+    if not moves:
+        return text
+    added: dict[str, list[str]] = {}
+    drop: set[int] = set()
+    for node, cls in moves:
+        first = node.decorator_list[0]
+        start = first.lineno - 1
+        while start > 0 and lines[start - 1].lstrip().startswith("#"):
+            start -= 1                                     # the comments that introduce it
+        body = lines[start:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
+        added.setdefault(cls, []).extend([""] + ["    " + l if l.strip() else "" for l in body])
+        drop |= set(range(start, node.end_lineno))
+    out = []
+    ends = {classes[c].end_lineno - 1: c for c in added}
+    for i, line in enumerate(lines):
+        if i not in drop:
+            out.append(line)
+        if i in ends:
+            out.extend(added[ends[i]])
+    folded = _drop_unused_import("\n".join(out) + "\n", "add_to_class")
+    while "\n\n\n\n" in folded:                             # two blank lines at most
+        folded = folded.replace("\n\n\n\n", "\n\n\n")
+    return folded
+
+
+def _drop_unused_import(text: str, name: str) -> str:
+    """Remove ``name`` from a top-level ``from ... import`` once the module no longer uses it."""
+    tree = ast.parse(text)
+    used = any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(tree))
+    if used:
+        return text
+    lines = text.splitlines()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any(a.name == name for a in node.names):
+            rest = [a.name if a.asname is None else f"{a.name} as {a.asname}"
+                    for a in node.names if a.name != name]
+            new = [f"from {node.module} import {', '.join(rest)}"] if rest else []
+            lines[node.lineno - 1:node.end_lineno] = new
+            break
+    return "\n".join(lines) + "\n"
 
 
 def render(nb_path: Path) -> dict[Path, str]:
