@@ -68,6 +68,10 @@ def imports_of(module: str) -> set[str]:
         if names:
             found |= {_resolve(n) for n in names[1:] or names} if isinstance(node, ast.ImportFrom) \
                 else {_resolve(n) for n in names}
+    if module == "__init__":   # the package's names load lazily (PEP 562) from the modules _EXPORTS names
+        exports = next(n.value for n in ast.parse(path_of(module).read_text()).body
+                       if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_EXPORTS")
+        found |= {k.value for k in exports.keys}
     return found - {module}
 
 
