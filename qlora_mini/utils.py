@@ -45,6 +45,12 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def cache_dir() -> Path:
+    """Where the book keeps what it builds or converts once (models): $QLORA_MINI_CACHE, else
+    ~/.cache/qlora_mini."""
+    return Path(os.environ.get("QLORA_MINI_CACHE") or Path.home() / ".cache" / "qlora_mini")
+
+
 def default_device() -> str:
     """Where work runs when the caller does not say: "cuda" where PyTorch sees a GPU, else "cpu"."""
     import torch

