@@ -5,7 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from qlora_mini.utils import atomic_dir, cache_dir
+from qlora_mini.utils import atomic_dir, cache_dir, file_lock
 
 
 SMOLLM2 = "smollm2-135m"                       # the book's short name for the model
@@ -55,7 +55,8 @@ def smollm2_dir(root: str | Path | None = None) -> Path:
     gguf = gguf_path()
     sha = file_sha256(gguf)
     final = Path(root or cache_dir()) / f"{SMOLLM2}-{sha[:12]}"
-    if not (final / "source.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        atomic_dir(final, lambda tmp: convert(gguf, tmp))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(final.parent / f".{final.name}.lock"):    # one process converts, others wait
+        if not (final / "source.json").is_file():
+            atomic_dir(final, lambda tmp: convert(gguf, tmp))
     return final

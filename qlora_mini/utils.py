@@ -4,6 +4,7 @@ They import nothing from the package, so any chapter module may import them with
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -49,6 +50,21 @@ def cache_dir() -> Path:
     """Where the book keeps what it builds or converts once (models): $QLORA_MINI_CACHE, else
     ~/.cache/qlora_mini."""
     return Path(os.environ.get("QLORA_MINI_CACHE") or Path.home() / ".cache" / "qlora_mini")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on ``path`` for the duration, so that a second process (a test beside a
+    notebook, say) waits for the first one's build instead of making a second copy. A no-op where
+    fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def default_device() -> str:

@@ -146,3 +146,21 @@ def test_capped_dispatch_is_not_native_bf16():
                           "native_bf16('cpu'))"], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["AVX2", "False"]
+
+
+def test_file_lock_excludes_another_process(tmp_path):
+    """While one process holds utils.file_lock, another cannot take the same lock (fcntl, checked
+    from a second real process); once released, it can."""
+    import subprocess
+    import sys
+    from qlora_mini.utils import file_lock
+    path = tmp_path / "x.lock"
+    probe = ("import fcntl, sys\nf = open(sys.argv[1], 'w')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('got it')\n"
+             "except BlockingIOError:\n    print('busy')\n")
+    with file_lock(path):
+        held = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    free = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert (held, free) == ("busy", "got it")
