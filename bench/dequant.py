@@ -14,17 +14,17 @@ Each size is first checked bit for bit against bitsandbytes. Writes JSON to benc
     python bench/dequant.py                        # LLaMA shapes from 4096x4096 to 8192x22016
     python bench/dequant.py --sizes 4096x4096 --iters 20
 
-CPU mode (--cpu): the CPU twin through the public qlora_mini.dequantize_4bit (allocating its
-output, as bitsandbytes does) and kernels.dequantize_4bit_cpu into a reused ``out``, against
+CPU mode (--cpu): the CPU twin through the dispatcher qlora_mini.kernels.dequantize_4bit (allocating
+its output, as bitsandbytes does) and kernels.dequantize_4bit_cpu into a reused ``out``, against
 bitsandbytes.functional.dequantize_4bit and two copies of the output's size and dtype: ``src.clone()``
-(allocates, as the public function does: compared with it) and ``dst.copy_(src)`` into a
+(allocates, as the dispatcher does: compared with it) and ``dst.copy_(src)`` into a
 preallocated buffer (compared with the ``out=`` call), for NF4 and FP4, with and without
 double quant, to fp32/bf16/fp16, sizes 1024x1024 to 8192x22016; and ``kernel_only``, the
 compiled function alone through ctypes with its arguments built once (what the Python around it
 costs), against ``copy_``. The contestants run in rounds, each round in a fresh seeded random
 order, so that a busy machine slows them alike and none always runs right after the same other
 one (which would warm its caches); medians after warm-up. Each configuration is first checked
-against bitsandbytes (equal values), and the kernel alone against the public function.
+against bitsandbytes (equal values), and the kernel alone against the dispatcher.
 
     python bench/dequant.py --cpu                  # all sizes and configurations
     python bench/dequant.py --cpu --sizes 1024x1024,4096x4096 --iters 7
@@ -163,32 +163,30 @@ def shuffled_rounds_ms(fns: dict, warmup: int, iters: int, seed: int = 0) -> dic
 @functools.cache
 def raw_cpu_library():
     """The CPU kernel alone (same source and flags as the extension, no binding), for ctypes."""
-    from qlora_mini import kernel_checks
-    return kernel_checks.build_cpu_library()
+    from qlora_mini import kernel_build
+    return kernel_build.build_cpu_library()
 
 
 def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, iters: int) -> dict:
     import bitsandbytes.functional as F
 
-    import qlora_mini
-    from qlora_mini import kernel_checks, kernels
-    from qlora_mini.backends import dequantize_path
+    from qlora_mini import kernel_build, kernels
     dtype = getattr(torch, dtype_name)
     qs.dtype = dtype
-    ours, theirs = qlora_mini.dequantize_4bit(packed, state, dtype), F.dequantize_4bit(p_bnb, qs)
+    ours, theirs = kernels.dequantize_4bit(packed, state, dtype), F.dequantize_4bit(p_bnb, qs)
     if not torch.equal(ours, theirs.reshape(ours.shape)):
         raise AssertionError(f"{tuple(state.shape)} {state.quant_type} -> {dtype_name}: differs from bnb")
     src, dst = torch.empty_like(ours).copy_(theirs.reshape(ours.shape)), torch.empty_like(ours)
     out, raw_out = torch.empty_like(ours), torch.empty_like(ours)
     lib = raw_cpu_library()
-    raw_args, _keep = kernel_checks._c_args(packed, state, raw_out)  # built once: the kernel alone
+    raw_args, _keep = kernel_build._c_args(packed, state, raw_out)  # built once: the kernel alone
     threads = torch.get_num_threads()
     err = lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads, 0)
     if err or not torch.equal(raw_out, ours):
         raise AssertionError(f"{tuple(state.shape)} -> {dtype_name}: the kernel alone differs ({err})")
     del ours, theirs
     ms = shuffled_rounds_ms({
-        "qlora_mini": lambda: qlora_mini.dequantize_4bit(packed, state, dtype),
+        "qlora_mini": lambda: kernels.dequantize_4bit(packed, state, dtype),
         "qlora_mini_out": lambda: kernels.dequantize_4bit_cpu(packed, state, dtype, out=out),
         "kernel_only": lambda: lib.qlora_mini_dequantize_4bit_cpu(ctypes.byref(raw_args), threads, 0),
         "bitsandbytes": lambda: F.dequantize_4bit(p_bnb, qs),
@@ -198,7 +196,7 @@ def bench_cpu_config(packed, state, p_bnb, qs, dtype_name: str, warmup: int, ite
     n, out_bytes = state.numel, state.numel * dst.element_size()
     moved = packed.numel() + state.nbytes() + out_bytes            # read codes + constants, write
     return dict(quant_type=state.quant_type, double_quant=state.double_quant, dtype=dtype_name,
-                path=dequantize_path(packed, state, dtype), ms=ms,
+                path=kernels.dequantize_path(packed), ms=ms,
                 bytes_moved={"qlora_mini": moved, "qlora_mini_out": moved, "kernel_only": moved,
                              "bitsandbytes": moved,
                              "copy": 2 * out_bytes, "clone": 2 * out_bytes},
@@ -247,7 +245,7 @@ def run_cpu(sizes=CPU_SIZES, warmup: int = 3, iters: int = 9, dtypes=CPU_DTYPES)
     config = dict(blocksize=BLOCKSIZE, warmup=warmup, statistic="median",
                   iters={f"{r}x{c}": iters_for(r * c, iters) for r, c in sizes},
                   schedule="rounds in a seeded random order",
-                  qlora_mini_call="qlora_mini.dequantize_4bit (allocates)",
+                  qlora_mini_call="kernels.dequantize_4bit (allocates)",
                   bitsandbytes_call="bitsandbytes.functional.dequantize_4bit (allocates)",
                   qlora_mini_out_call="kernels.dequantize_4bit_cpu(..., out=out), out reused",
                   kernel_only_call="the same kernel source built alone (no binding), through "

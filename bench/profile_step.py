@@ -1,7 +1,7 @@
 """Where the time of one QLoRA training step goes: torch.profiler over bench/step.py's model.
 
 For each compute dtype, builds both sides (qlora_mini, reference), and after warm-up profiles a few
-steps of each, alternating (one profiler per step), then splits their CPU time into: 4-bit dequantization (our storage.dequantize_4bit as
+steps of each, alternating (one profiler per step), then splits their CPU time into: 4-bit dequantization (our kernels.dequantize_4bit as
 linear4bit calls it; bitsandbytes.functional.dequantize_4bit as its MatMul4Bit calls it, both
 wrapped in a record_function), matrix products (aten::mm/addmm/bmm/matmul), attention (sdpa),
 dtype casts and copies (aten::copy_/_to_copy), the optimizer step, the remaining ATen operators,
@@ -42,7 +42,7 @@ def wrap_dequantize():
     import bitsandbytes.autograd._functions as bnb_functions
     import bitsandbytes.functional as bnb_F
 
-    import qlora_mini.linear4bit as linear4bit
+    import qlora_mini.kernels as kernels
 
     def wrapped(fn):
         @functools.wraps(fn)
@@ -51,7 +51,7 @@ def wrap_dequantize():
                 return fn(*args, **kwargs)
         return run
 
-    linear4bit.dequantize_4bit = wrapped(linear4bit.dequantize_4bit)
+    kernels.dequantize_4bit = wrapped(kernels.dequantize_4bit)  # linear4bit calls it by name
     bnb_F.dequantize_4bit = wrapped(bnb_F.dequantize_4bit)
     assert bnb_functions.F is bnb_F  # MatMul4Bit calls F.dequantize_4bit through the module
 

@@ -15,8 +15,6 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 __version__ = "0.1.0"
 
-from . import kernels  # noqa: E402  (chapter 4: registers the compiled paths with storage)
-
 if int(_os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: chapter 11 registers
     # FSDP2 with chapter 8's command (recipe.register_processes). `-m qlora_mini.distributed`
     # then runs a second copy of the module as __main__, which runpy warns about: harmless here.
@@ -43,7 +41,7 @@ _EXPORTS = {  # module (in chapter order) -> the public names it gives the packa
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = ["kernels", *_WHERE]
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str):

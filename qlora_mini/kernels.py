@@ -11,15 +11,15 @@ Chapter 4 explains the kernel; this module only builds and calls it. One per-ele
   The binding checks the tensors, allocates the output and runs the kernel in one call from
   Python: on a 1024x1024 weight, checks in Python would cost half as much again as the kernel.
 
-At import this module registers both with chapter 3 (``backends.register_dequantize_backend``), so
-:func:`qlora_mini.storage.dequantize_4bit` sends CUDA tensors to :func:`dequantize_4bit_cuda` and
-CPU tensors to :func:`dequantize_4bit_cpu`, falling back to the PyTorch reference (with one
-warning) where a build fails. :func:`active_path` says which code runs. Storage never imports
-this module: the arrows run one way, chapter 4 → chapter 3.
+:func:`dequantize_4bit` is chapter 3's ``storage.dequantize_4bit`` with these paths: it sends CUDA
+tensors to :func:`dequantize_4bit_cuda` and CPU tensors to :func:`dequantize_4bit_cpu`, and calls
+the PyTorch reference where a kernel does not apply or did not build (that build warns once).
+Chapter 5's layer calls it by name; :func:`dequantize_path` and :func:`active_path` say which code
+runs. Storage never imports this module: the arrows run one way, chapter 4 → chapter 3.
 
-The checks that need no GPU (nvcc compile checks, PTX, the CUDA kernel's per-thread program on the
-host, the binding's syntax, the CPU kernel alone through ctypes) live in
-:mod:`qlora_mini.kernel_checks`.
+The developer tools that need no GPU (nvcc compile checks, PTX, the CUDA kernel's per-thread
+program on the host, the binding's syntax, the CPU kernel alone through ctypes) live in
+:mod:`qlora_mini.kernel_build`.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from qlora_mini.backends import register_dequantize_backend
+from qlora_mini import storage
 from qlora_mini.storage import FLOAT_DTYPES, QuantState4bit, check_state
+from qlora_mini.utils import ceil_div, default_device
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+CSRC = Path(__file__).resolve().parent / "csrc"  # the package's C++/CUDA sources (chapters 4, 7)
 KERNEL_SRC = CSRC / "dequant_4bit.cu"           # the kernel: no torch headers
 BINDING_SRC = CSRC / "dequant_4bit_binding.cpp"  # the torch side
 HEADER_SRC = CSRC / "dequant_4bit.h"             # the plain-C interface between them
@@ -106,11 +107,10 @@ def available() -> bool:
 
 
 def active_path(device=None) -> str:
-    """Which code :func:`qlora_mini.storage.dequantize_4bit` runs for tensors on ``device``
-    ("cuda" or "cpu"; default: cuda when a CUDA device exists, else cpu), in words. The first
-    call per device builds its kernel."""
-    device = torch.device(device if device is not None else
-                          "cuda" if torch.cuda.is_available() else "cpu").type
+    """Which code :func:`dequantize_4bit` runs for tensors on ``device`` ("cuda" or "cpu";
+    default: utils.default_device()), in words, with the reason when it is the reference. The
+    first call per device builds its kernel."""
+    device = torch.device(device if device is not None else default_device()).type
     if device == "cpu":
         if _build_cpu() is None:
             return f"PyTorch reference (CPU kernel {_cpu_error})"
@@ -210,8 +210,11 @@ def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState4bit, dtype=None,
     (default ``state.dtype``), written into ``out`` if given; torch.get_num_threads() threads."""
     if _build_cpu() is None:
         raise RuntimeError(f"the qlora_mini CPU kernel is unavailable: {_cpu_error}")
-    try:
-        return _cpu_backend(packed, state, dtype, out)       # the binding checks every tensor
+    try:                                                     # the binding checks every tensor
+        return _cpu_ext.dequantize_4bit(packed, state.code, state.absmax, state.nested_absmax,
+                                        state.nested_code, state.offset, state.blocksize,
+                                        state.nested_blocksize, state.shape,
+                                        dtype or state.dtype, out)
     except Exception:
         _explain_cpu_refusal(packed, state, dtype, out)
         raise                                                # good arguments: a real failure
@@ -224,14 +227,6 @@ def _explain_cpu_refusal(packed, state, dtype, out) -> None:
     if packed.is_cuda:
         raise ValueError("dequantize_4bit_cpu takes CPU tensors")
     _out_buffer(state, dtype, packed.device, out)
-
-
-def _cpu_backend(packed, state, dtype, out=None) -> torch.Tensor:
-    """One call into the binding, which checks every tensor itself (storage.dequantize_4bit calls
-    this without checking first, and explains a refusal with check_state)."""
-    return _cpu_ext.dequantize_4bit(packed, state.code, state.absmax, state.nested_absmax,
-                                    state.nested_code, state.offset, state.blocksize,
-                                    state.nested_blocksize, state.shape, dtype or state.dtype, out)
 
 
 def quantize_blocks_cpu(x: torch.Tensor, blocksize: int, code: torch.Tensor
@@ -248,17 +243,36 @@ def quantize_blocks_cpu(x: torch.Tensor, blocksize: int, code: torch.Tensor
     levels = code[order].float()
     cuts = ((levels[:-1] + levels[1:]) / 2).contiguous()          # (15,) float32, as round_to_code
     order8 = order.to(torch.uint8)
-    packed = torch.empty((x.numel() + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(-(-x.numel() // blocksize), dtype=torch.float32)
+    packed = torch.empty(ceil_div(x.numel(), 2), dtype=torch.uint8)
+    absmax = torch.empty(ceil_div(x.numel(), blocksize), dtype=torch.float32)
     _cpu_ext.quantize_blocks(x, blocksize, cuts, order8, packed, absmax)
     return packed, absmax
 
 
 # ---------------------------------------------------------------------------------------------
-# Chapter 3's dequantize_4bit dispatches here: registered once, at import (storage never imports us)
+# The dispatcher chapter 5 calls: a compiled path where one applies, chapter 3's reference elsewhere
 
-register_dequantize_backend("cuda kernel", lambda packed, state, dtype: packed.is_cuda and available(),
-                            dequantize_4bit_cuda)
-register_dequantize_backend("cpu kernel",
-                            lambda packed, state, dtype: packed.is_cpu and cpu_available(),
-                            _cpu_backend, checks_arguments=True)
+
+def dequantize_path(packed: torch.Tensor) -> str:
+    """The code :func:`dequantize_4bit` runs for ``packed``'s device: "cuda kernel", "cpu kernel"
+    or "PyTorch reference" (the first call per device builds its kernel)."""
+    if isinstance(packed, torch.Tensor) and packed.is_cuda and available():
+        return "cuda kernel"
+    if isinstance(packed, torch.Tensor) and packed.is_cpu and cpu_available():
+        return "cpu kernel"
+    return "PyTorch reference"
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, dtype=None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Chapter 3's :func:`qlora_mini.storage.dequantize_4bit`, the same bits, by the compiled
+    kernel for CUDA tensors and its twin for CPU tensors, by the reference elsewhere (another
+    device, a kernel that did not build). Returns ``state.shape`` in ``dtype`` (default
+    ``state.dtype``), written into ``out`` if given."""
+    path = dequantize_path(packed)
+    if path == "cuda kernel":
+        return dequantize_4bit_cuda(packed, state, dtype, out)
+    if path == "cpu kernel":
+        return dequantize_4bit_cpu(packed, state, dtype, out)
+    W = storage.dequantize_4bit(packed, state, dtype)              # checks every argument
+    return W if out is None else _out_buffer(state, dtype, packed.device, out).copy_(W)

@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qlora_mini import kernels  # chapter 4: kernels.dequantize_4bit, compiled where it can be
 from qlora_mini.storage import (FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, QuantState4bit,
-                                check_bnb_blocksize, dequantize_4bit, quantize_4bit,
-                                storage_nbytes)
+                                check_bnb_blocksize, check_state, quantize_4bit, storage_nbytes)
 from qlora_mini.utils import ceil_div, default_compute_dtype
 
 
@@ -22,7 +22,7 @@ class DequantMatmul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, state):
-        W = dequantize_4bit(packed, state, x.dtype)                 # (out, in) compute dtype, transient
+        W = kernels.dequantize_4bit(packed, state, x.dtype)         # (out, in) compute dtype, transient
         ctx.state = QuantState4bit(**{**state.__dict__, **dict.fromkeys(STATE_FIELDS)})  # metadata
         ctx.save_for_backward(packed, *(getattr(state, f) for f in STATE_FIELDS))
         ctx.dtype = x.dtype
@@ -34,7 +34,7 @@ class DequantMatmul4bit(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             state = QuantState4bit(**{**ctx.state.__dict__, **dict(zip(STATE_FIELDS, tensors))})
-            W = dequantize_4bit(packed, state, ctx.dtype)           # (out, in) fresh dequantization
+            W = kernels.dequantize_4bit(packed, state, ctx.dtype)   # (out, in) fresh dequantization
             grad_x = grad_y @ W                                     # (..., in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
@@ -105,12 +105,22 @@ class Linear4bit(nn.Module):
         """Quantize W (out_features, in_features) into this layer's buffers."""
         if tuple(W.shape) != (self.out_features, self.in_features):
             raise ValueError(f"W must have shape {(self.out_features, self.in_features)}, got {tuple(W.shape)}")
-        packed, state = quantize_4bit(W.detach(), self.blocksize, self.quant_type,
-                                      self.double_quant)           # (numel/2,) uint8
+        self.set_quantized(*quantize_4bit(W.detach(), self.blocksize, self.quant_type,
+                                          self.double_quant))
+
+    @torch.no_grad()
+    def set_quantized(self, packed, state):
+        """Take packed codes (ceil(n/2),) uint8 and their QuantState4bit (from quantize_4bit, or a
+        4-bit checkpoint) as this layer's weight; its quantization options become the state's."""
+        check_state(packed, state)
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"state.shape must be {(self.out_features, self.in_features)}, "
+                             f"got {tuple(state.shape)}")
         self.packed = nn.Parameter(_as_storage(packed, self.quant_storage), requires_grad=False)
         for name in STATE_FIELDS:
             setattr(self, name, getattr(state, name))
-        self.weight_dtype = W.dtype
+        self.weight_dtype, self.blocksize = state.dtype, state.blocksize
+        self.quant_type, self.double_quant = state.quant_type, state.double_quant
 
     def reset_parameters(self):
         """Initialize like nn.Linear (Kaiming-uniform weight, uniform bias), then quantize."""
@@ -137,7 +147,7 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The weight as a (out_features, in_features) tensor in dtype (default: the dtype it was
         quantized from)."""
-        return dequantize_4bit(self.packed_bytes, self.state, dtype)
+        return kernels.dequantize_4bit(self.packed_bytes, self.state, dtype)
 
     @classmethod
     def from_linear(cls, linear, quant_type="nf4", double_quant=True, compute_dtype=None,

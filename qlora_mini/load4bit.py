@@ -3,50 +3,44 @@
 """Loading a checkpoint straight into 4 bits, and 4-bit checkpoints in transformers' format."""
 import contextlib
 import copy
+from dataclasses import replace
 import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from qlora_mini import kernels  # chapter 4's compiled twin quantizes a chunk in one pass
 from qlora_mini.codebooks import get_code
-from qlora_mini.kernels import cpu_available, quantize_blocks_cpu
-from qlora_mini.linear4bit import STATE_FIELDS, Linear4bit, linear_layer_names, replace_module
-from qlora_mini.quantization import round_to_code
-from qlora_mini.storage import QuantState4bit, blockwise_absmax, double_quantize, pack_nibbles
-from qlora_mini.utils import default_compute_dtype
+from qlora_mini.linear4bit import Linear4bit, linear_layer_names, replace_module
+from qlora_mini.storage import QuantState4bit, double_quantize, quantize_4bit
+from qlora_mini.utils import ceil_div, default_compute_dtype, default_device
 
 
 def quantize_4bit_chunked(W, blocksize=64, quant_type="nf4", double_quant=True,
                           chunk=1 << 20) -> tuple[torch.Tensor, QuantState4bit]:
-    """Chapter 3's quantize_4bit, the same bytes, ``chunk`` values (whole blocks) at a time; on a
-    CPU each chunk goes through chapter 4's compiled twin in one pass when it is built."""
+    """Chapter 3's quantize_4bit, the same bytes, ``chunk`` values (whole blocks) at a time so
+    that its temporaries are a chunk's: each chunk through quantize_4bit itself, or on a CPU
+    through chapter 4's compiled twin (one pass) when it is built; then the whole absmax."""
     if chunk % blocksize or chunk % 2:
         raise ValueError(f"chunk must be a multiple of blocksize={blocksize}, got {chunk}")
     code = get_code(quant_type).to(W.device)                           # (16,) float32
-    compiled = W.device.type == "cpu" and cpu_available()
-    quantize = quantize_blocks_cpu if compiled else quantize_blocks_torch
+    compiled = W.device.type == "cpu" and kernels.cpu_available()
     flat, n = W.reshape(-1), W.numel()
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=W.device)  # (ceil(n/2),) uint8
-    absmax = []
-    for s in range(0, n, chunk):
-        p, am = quantize(flat[s:s + chunk].float(), blocksize, code)   # (c/2,) uint8, (c/bs,)
-        packed[s // 2:s // 2 + p.numel()] = p
-        absmax.append(am)
-    absmax = torch.cat(absmax)                                          # (n_blocks,) float32
+    packed = torch.empty(ceil_div(n, 2), dtype=torch.uint8, device=W.device)  # (ceil(n/2),)
+    absmax = torch.empty(ceil_div(n, blocksize), device=W.device)     # (n_blocks,) float32
+    for start in range(0, n, chunk):
+        x = flat[start:start + chunk]                                  # (c,) whole blocks
+        if compiled:
+            p, am = kernels.quantize_blocks_cpu(x.float(), blocksize, code)
+        else:
+            p, part = quantize_4bit(x, blocksize, quant_type, double_quant=False)
+            am = part.absmax                                           # (c/bs,) float32
+        packed[start // 2:start // 2 + p.numel()] = p                  # (c/2,) uint8
+        absmax[start // blocksize:start // blocksize + am.numel()] = am
     state = QuantState4bit(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize,
                            quant_type=quant_type, code=code)
-    if double_quant:
-        state = QuantState4bit(**{**state.__dict__, **double_quantize(absmax)})
-    return packed, state
-
-
-def quantize_blocks_torch(x, blocksize, code) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chapter 3's steps on one chunk, on any device: x (c,) float32 → (packed (ceil(c/2),) uint8,
-    absmax (ceil(c/blocksize),) float32); an odd end pads a 0.0, as quantize_4bit does."""
-    scaled, absmax = blockwise_absmax(x, blocksize)                    # (c,), (c/bs,)
-    scaled = nn.functional.pad(scaled, (0, scaled.numel() % 2))        # (even,) float32
-    return pack_nibbles(round_to_code(scaled, code)), absmax
+    return packed, replace(state, **double_quantize(absmax)) if double_quant else state
 
 
 def checkpoint_dir(name_or_path) -> Path:
@@ -129,18 +123,6 @@ def empty_model(config, compute_dtype, quant_type, double_quant, blocksize, skip
     return model
 
 
-def set_quantized(layer: Linear4bit, packed, state: QuantState4bit) -> None:
-    """Give a Linear4bit already-quantized codes (ceil(n/2),) uint8 and their state."""
-    storage = layer.quant_storage
-    pad = -packed.numel() % storage.itemsize                   # whole elements of quant_storage
-    packed = torch.cat([packed, packed.new_zeros(pad)]) if pad else packed
-    layer.packed = nn.Parameter(packed.view(storage), requires_grad=False)
-    for name in STATE_FIELDS:
-        setattr(layer, name, getattr(state, name))
-    layer.weight_dtype, layer.blocksize = state.dtype, state.blocksize
-    layer.quant_type, layer.double_quant = state.quant_type, state.double_quant
-
-
 def assign_tensor(model, key, t, dtype, device) -> bool:
     """Put checkpoint tensor t where model's parameter or buffer ``key`` is (floating tensors in
     dtype, on device); False when the model has no such tensor."""
@@ -169,7 +151,7 @@ def load_4bit(name_or_path, *, quant_type="nf4", double_quant=True, compute_dtyp
     utils.default_compute_dtype). A checkpoint in transformers' bitsandbytes 4-bit format
     (save_4bit's, a ``*-bnb-4bit`` one) loads as stored. Returns the model in eval mode."""
     from transformers import AutoConfig
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     compute_dtype = compute_dtype or default_compute_dtype(device)
     folder = checkpoint_dir(name_or_path)
     shards, config = shard_files(folder), AutoConfig.from_pretrained(folder)
@@ -183,7 +165,7 @@ def load_4bit(name_or_path, *, quant_type="nf4", double_quant=True, compute_dtyp
             if not assign_tensor(model, key, t, compute_dtype, device):
                 unexpected.append(key)
         elif name not in pre:                          # a 16-bit (out, in) weight: quantize
-            set_quantized(model.get_submodule(name), *quantize_4bit_chunked(
+            model.get_submodule(name).set_quantized(*quantize_4bit_chunked(
                 t.to(device), blocksize, quant_type, double_quant))
         else:                                          # already 4-bit: collect its parts
             _collect(model, parts, name, key[len(name) + 1:], t, pre[name][1], device)
@@ -219,7 +201,7 @@ def _set_from_bnb(layer, parts: dict, device) -> None:
     from qlora_mini.storage import from_bnb
     packed = parts.pop("weight")
     qs = QuantState.from_dict({k.removeprefix("weight."): v for k, v in parts.items()}, device)
-    set_quantized(layer, *from_bnb(packed.to(device), qs))
+    layer.set_quantized(*from_bnb(packed.to(device), qs))
 
 
 def _check_loaded(model, config, folder, unexpected, parts, device):
@@ -234,17 +216,18 @@ def _check_loaded(model, config, folder, unexpected, parts, device):
     return model.to(device).eval()
 
 
-def bnb_tensors(model) -> dict[str, torch.Tensor]:
+def bnb_tensors(model, wrappers: tuple[type, ...] = ()) -> dict[str, torch.Tensor]:
     """The model's tensors under the names transformers gives a bitsandbytes 4-bit model; each
-    tensor once (tied weights share)."""
+    tensor once (tied weights share). A module of a type in ``wrappers`` (chapter 6's LoRALinear)
+    stands for its ``base`` layer: saved under the wrapper's name, its other parts left out."""
     from qlora_mini.storage import to_bnb
     out, seen = {}, set()
-    lora = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base")}
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, tuple(wrappers))}
     for name, module in model.named_modules():
         parent = name.rpartition(".")[0]
-        if parent in lora and not name.endswith(".base"):       # lora_A, lora_B, dropout
+        if parent in wrapped and not name.endswith(".base"):    # the adapter's parts
             continue
-        key = parent if parent in lora else name
+        key = parent if parent in wrapped else name
         if isinstance(module, Linear4bit):
             packed, qs = to_bnb(module.packed_bytes, module.state)  # (ceil(n/2), 1) uint8
             out[f"{key}.weight"] = packed
@@ -260,9 +243,10 @@ def bnb_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_4bit(model, path, max_shard_bytes: int = 2 * 2 ** 30) -> Path:
+def save_4bit(model, path, max_shard_bytes: int = 2 * 2 ** 30, wrappers: tuple = ()) -> Path:
     """Write a 4-bit model as transformers writes a bitsandbytes 4-bit model: config.json with its
-    quantization_config, safetensors shards of at most max_shard_bytes (an index when several)."""
+    quantization_config, safetensors shards of at most max_shard_bytes (an index when several).
+    Layers of a type in ``wrappers`` (LoRALinear) are saved as their base layer (bnb_tensors)."""
     from transformers import BitsAndBytesConfig
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers:
@@ -276,7 +260,7 @@ def save_4bit(model, path, max_shard_bytes: int = 2 * 2 ** 30) -> Path:
         bnb_4bit_compute_dtype=layers[0].compute_dtype).to_dict()
     config.save_pretrained(path)
     shards, size = [{}], 0
-    for k, t in bnb_tensors(model).items():
+    for k, t in bnb_tensors(model, wrappers).items():
         nbytes = t.numel() * t.element_size()
         if size + nbytes > max_shard_bytes and shards[-1]:
             shards, size = shards + [{}], 0

@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from qlora_mini.backends import _backend  # the registry (its own module: the cell above)
 from qlora_mini.codebooks import get_code
 from qlora_mini.quantization import _check_finite, _check_tensor  # chapter 1's input checks
 from qlora_mini.quantization import round_to_code  # chapter 1: index of the nearest level
@@ -207,27 +206,17 @@ def _dequantize_4bit_torch(packed, state, dtype, chunk: int | None = None):
     return out.view(state.shape)
 
 
-def _check_arguments(packed, state, dtype) -> None:
-    check_state(packed, state)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-
-
 def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
     """Packed 4-bit indices back to a tensor of ``state.shape`` in ``dtype`` (default: the dtype
     that was quantized): code[idx] * absmax of its block, in float32, rounded once to ``dtype``
-    as bitsandbytes does; by a registered backend (chapter 4) if one accepts, else the reference."""
-    try:
-        dtype = state.dtype if dtype is None else dtype
-        name, fn, checks = _backend(packed, state, dtype)
-        if checks:                                  # it checks the arguments itself
-            return fn(packed, state, dtype)
-    except Exception:
-        _check_arguments(packed, state, dtype)      # explain a bad argument in words, or
-        raise                                       # pass on a failure of good ones
-    _check_arguments(packed, state, dtype)
-    return (fn or _dequantize_4bit_torch)(packed, state, dtype)
+    as bitsandbytes does. The PyTorch reference, on any device (chapter 4's
+    ``kernels.dequantize_4bit`` runs compiled code with the same bits where it can)."""
+    check_state(packed, state)
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return _dequantize_4bit_torch(packed, state, dtype)
 
 
 def nearest_code_lut(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@
 (c) GPU tests: skipped with "no CUDA device" where torch.cuda is unavailable; bit-exact against
     the PyTorch reference and against bitsandbytes on fresh random inputs, output buffers poisoned
     with NaN first.
-(d) CPU tests of the dispatch and query logic.
+(d) CPU tests of the dispatcher (kernels.dequantize_4bit, dequantize_path) and the queries.
 Bit-exact means equal bit patterns (int views), so -0.0 vs +0.0 and NaN payloads count.
 """
 from dataclasses import replace
@@ -18,10 +18,8 @@ import torch
 
 import qlora_mini  # noqa: F401  (silences bitsandbytes' log line)
 import bitsandbytes.functional as F
-from qlora_mini import kernel_checks, kernels
-from qlora_mini.backends import dequantize_path
-from qlora_mini.storage import (_dequantize_4bit_torch, dequantize_4bit, from_bnb,
-                                quantize_4bit, to_bnb)
+from qlora_mini import kernel_build, kernels
+from qlora_mini.storage import _dequantize_4bit_torch, from_bnb, quantize_4bit, to_bnb
 from qlora_mini.utils import in_ci
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,7 +59,7 @@ def assert_bit_exact(got: torch.Tensor, want: torch.Tensor, case=""):
 
 def require_nvcc():
     """In CI the compile checks must run: a missing nvcc is a failure there, a skip elsewhere."""
-    if kernel_checks.find_nvcc() is None:
+    if kernel_build.find_nvcc() is None:
         if in_ci():
             pytest.fail("running in CI but nvcc was not found: the CUDA kernel must compile in CI")
         pytest.skip("nvcc not found (outside CI the nvcc compile checks are optional)")
@@ -104,7 +102,7 @@ def decode_by_hand(packed, state, dtype):
 
 def test_compile_check_all_archs(tmp_path):
     require_nvcc()
-    records = kernel_checks.compile_check(kernel_checks.ARCHS, tmp_path)   # CompileError fails the test
+    records = kernel_build.compile_check(kernel_build.ARCHS, tmp_path)   # CompileError fails the test
     assert [r["arch"] for r in records] == ["sm_80", "sm_86", "sm_89", "sm_90"]
     for r in records:
         assert r["cubin_bytes"] > 0 and r["kernels"] == 6, r      # 3 dtypes x (DQ, no DQ)
@@ -113,7 +111,7 @@ def test_compile_check_all_archs(tmp_path):
 
 def test_ptx_has_wide_accesses_and_no_fma(tmp_path):
     require_nvcc()
-    s = kernel_checks.ptx_summary("sm_90", tmp_path)
+    s = kernel_build.ptx_summary("sm_90", tmp_path)
     assert s["wide_loads"] >= 6 and s["wide_stores"] >= 6, s    # 16-byte loads/stores in every kernel
     assert s["fma"] == 0, s                                     # bit-exactness: no fused multiply-add
     assert s["local"] == 0, s                                   # no local-memory arrays
@@ -132,10 +130,10 @@ def test_host_emulation_bit_exact(quant_type, dq):
         for dtype in DTYPES:
             want = _dequantize_4bit_torch(packed, state, dtype)
             out = torch.full(shape, float("nan"), dtype=dtype)
-            assert_bit_exact(kernel_checks.dequantize_4bit_host(packed, state, dtype, out=out), want)
+            assert_bit_exact(kernel_build.dequantize_4bit_host(packed, state, dtype, out=out), want)
             buf = torch.full((want.numel() + 1,), float("nan"), dtype=dtype)
             shifted = buf[1:].view(shape)                         # 2 or 4 bytes off 16-byte alignment
-            assert_bit_exact(kernel_checks.dequantize_4bit_host(packed, state, dtype, out=shifted), want)
+            assert_bit_exact(kernel_build.dequantize_4bit_host(packed, state, dtype, out=shifted), want)
 
 
 def test_host_emulation_matches_bitsandbytes():
@@ -150,17 +148,17 @@ def test_host_emulation_matches_bitsandbytes():
             for dtype in DTYPES:
                 p, qs = to_bnb(packed, state)
                 qs.dtype = dtype
-                got, want = kernel_checks.dequantize_4bit_host(packed, state, dtype), F.dequantize_4bit(p, qs)
+                got, want = kernel_build.dequantize_4bit_host(packed, state, dtype), F.dequantize_4bit(p, qs)
                 assert_matches_bnb(got, want, quant_type)
 
 
 def test_torch_binding_compiles_on_host():
     """The CUDA kernel's torch binding, type-checked by g++ against torch's headers (no GPU)."""
-    if kernel_checks.cuda_include_dir() is None or __import__("shutil").which("g++") is None:
+    if kernel_build.cuda_include_dir() is None or __import__("shutil").which("g++") is None:
         if in_ci():
             pytest.fail("running in CI but g++ or the CUDA headers are missing")
         pytest.skip("g++ or the CUDA headers are missing")
-    kernel_checks.binding_syntax_check()                              # CompileError fails the test
+    kernel_build.binding_syntax_check()                              # CompileError fails the test
 
 
 # ------------------------------------------------------------------ (b) the CPU twin
@@ -173,7 +171,7 @@ def test_cpu_kernel_builds_and_is_the_cpu_path():
     require_cpu_kernel()
     assert kernels.active_path("cpu").startswith("cpu kernel (")
     packed, state = quantize_4bit(fresh((8, 64), 0), 64, "nf4", True)
-    assert dequantize_path(packed, state) == "cpu kernel"
+    assert kernels.dequantize_path(packed) == "cpu kernel"
 
 
 @pytest.mark.parametrize("dq", [True, False])
@@ -202,7 +200,7 @@ def test_cpu_twin_large_fresh_output_is_bit_exact():
     packed, state = quantize_4bit(fresh((2048, 1100), 5), 64, "fp4", True)   # 9 MB in fp32
     for dtype in DTYPES:
         want = _dequantize_4bit_torch(packed, state, dtype)
-        assert_bit_exact(dequantize_4bit(packed, state, dtype), want)
+        assert_bit_exact(kernels.dequantize_4bit(packed, state, dtype), want)
 
 
 def test_cpu_twin_reads_strided_views():
@@ -216,7 +214,7 @@ def test_cpu_twin_reads_strided_views():
     strided = replace(state, code=codes, absmax=torch.stack([state.absmax] * 2, 1)[:, 1])
     for dtype in DTYPES:
         want = _dequantize_4bit_torch(packed, state, dtype)
-        assert_bit_exact(dequantize_4bit(wide, strided, dtype), want)
+        assert_bit_exact(kernels.dequantize_4bit(wide, strided, dtype), want)
 
 
 def test_cpu_twin_without_avx512_is_bit_exact_too():
@@ -225,14 +223,14 @@ def test_cpu_twin_without_avx512_is_bit_exact_too():
     require_cpu_kernel()
     if __import__("platform").machine() not in ("x86_64", "AMD64"):
         pytest.skip("-mno-avx512f is an x86 flag")
-    lib = kernel_checks.build_cpu_library(["-mno-avx512f"])
+    lib = kernel_build.build_cpu_library(["-mno-avx512f"])
     assert lib.qlora_mini_dequantize_4bit_cpu_isa() == b"scalar"
     for i, (shape, blocksize) in enumerate(CPU_CASES[:6]):
         for quant_type, dq in (("nf4", True), ("fp4", False)):
             packed, state = quantize_4bit(fresh(shape, 20 + i), blocksize, quant_type, dq)
             for dtype in DTYPES:
                 out = torch.full(shape, float("nan"), dtype=dtype)
-                got = kernel_checks.dequantize_4bit_raw(packed, state, dtype, out, lib)
+                got = kernel_build.dequantize_4bit_raw(packed, state, dtype, out, lib)
                 assert_bit_exact(got, decode_by_hand(packed, state, dtype), f"{shape} {dtype}")
 
 
@@ -297,10 +295,16 @@ def test_fallback_to_the_reference_without_the_cpu_kernel(monkeypatch):
     packed, state = quantize_4bit(fresh((5, 100), 3), 64, "fp4", True)
     monkeypatch.setattr(kernels, "_cpu_ext", None)
     monkeypatch.setattr(kernels, "_cpu_error", "build failed: (simulated)")
-    assert dequantize_path(packed, state) == "PyTorch reference"
+    assert kernels.dequantize_path(packed) == "PyTorch reference"
     assert kernels.active_path("cpu") == "PyTorch reference (CPU kernel build failed: (simulated))"
     for dtype in DTYPES:
-        assert_bit_exact(dequantize_4bit(packed, state, dtype), decode_by_hand(packed, state, dtype))
+        want = decode_by_hand(packed, state, dtype)
+        assert_bit_exact(kernels.dequantize_4bit(packed, state, dtype), want)
+        out = torch.full((5, 100), float("nan"), dtype=dtype)
+        assert kernels.dequantize_4bit(packed, state, dtype, out=out) is out
+        assert_bit_exact(out, want)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.dequantize_4bit(packed, state, torch.bfloat16, out=torch.empty(5, 100))
 
 
 def test_failed_cpu_build_warns_once(monkeypatch):
@@ -357,7 +361,8 @@ def test_gpu_misaligned_output_and_dispatch():
         want = _dequantize_4bit_torch(packed, state, dtype)
         buf = torch.full((want.numel() + 1,), float("nan"), dtype=dtype, device="cuda")
         assert_bit_exact(kernels.dequantize_4bit_cuda(packed, state, dtype, out=buf[1:].view(3, 1001)), want)
-        assert_bit_exact(dequantize_4bit(packed, state, dtype), want)   # storage dispatches here
+        assert_bit_exact(kernels.dequantize_4bit(packed, state, dtype), want)   # the dispatcher
+    assert kernels.dequantize_path(packed) == "cuda kernel"
 
 
 # ------------------------------------------------------------------ (d) CPU: dispatch and queries
@@ -376,7 +381,8 @@ def test_cuda_entry_refuses_cpu_tensors():
 
 
 def test_storage_does_not_import_kernels():
-    """Chapter 3 must not depend on chapter 4: kernels registers itself with storage instead."""
+    """Chapter 3 must not depend on chapter 4: chapter 4's dispatcher calls storage's reference,
+    never the other way round."""
     import ast
     import inspect
 
@@ -385,8 +391,32 @@ def test_storage_does_not_import_kernels():
     names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
              for a in n.names} | {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("kernels" in name for name in names), names
-    from qlora_mini import backends
-    assert {"cuda kernel", "cpu kernel"} <= set(backends._BACKENDS)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpu kernel", "reference"])
+def test_dispatcher_names_bad_arguments(compiled, monkeypatch):
+    """kernels.dequantize_4bit refuses bad arguments in chapter 3's words on either path: the
+    binding's refusal is explained by check_state, the reference checks first."""
+    if compiled:
+        require_cpu_kernel()
+    else:
+        monkeypatch.setattr(kernels, "_cpu_ext", None)
+        monkeypatch.setattr(kernels, "_cpu_error", "build failed: (simulated)")
+    packed, state = quantize_4bit(fresh((4, 64), 0), 64, "nf4", True)
+    assert kernels.dequantize_path(packed) == ("cpu kernel" if compiled else "PyTorch reference")
+    with pytest.raises(ValueError, match="packed: 127 entries.*need 128"):
+        kernels.dequantize_4bit(packed[:-1], state)
+    with pytest.raises(TypeError, match="state must be a QuantState4bit"):
+        kernels.dequantize_4bit(packed, None)
+    with pytest.raises(TypeError, match="dtype must be"):
+        kernels.dequantize_4bit(packed, state, torch.int8)
+    with pytest.raises(TypeError, match="packed must be a uint8 tensor"):
+        kernels.dequantize_4bit(packed.tolist(), state)
+
+
+def test_dispatcher_sends_other_devices_to_the_reference():
+    assert kernels.dequantize_path(torch.empty(8, dtype=torch.uint8, device="meta")) == \
+        "PyTorch reference"
 
 
 def test_find_nvcc_via_cuda_home(tmp_path, monkeypatch):
@@ -395,23 +425,23 @@ def test_find_nvcc_via_cuda_home(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
-    assert kernel_checks.find_nvcc() == str(fake)
+    assert kernel_build.find_nvcc() == str(fake)
 
 
 def test_compile_check_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="arch"):
-        kernel_checks.compile_check(["90"], tmp_path)
-    monkeypatch.setattr(kernel_checks, "find_nvcc", lambda: None)
-    with pytest.raises(kernel_checks.CompileError, match="nvcc not found"):
-        kernel_checks.compile_check(["sm_90"], tmp_path)
+        kernel_build.compile_check(["90"], tmp_path)
+    monkeypatch.setattr(kernel_build, "find_nvcc", lambda: None)
+    with pytest.raises(kernel_build.CompileError, match="nvcc not found"):
+        kernel_build.compile_check(["sm_90"], tmp_path)
 
 
 def test_out_buffer_is_checked():
     packed, state = quantize_4bit(fresh((4, 64), 0), 64, "nf4", True)
     with pytest.raises(ValueError, match="out must be"):
-        kernel_checks.dequantize_4bit_host(packed, state, torch.bfloat16, out=torch.empty(4, 64))
+        kernel_build.dequantize_4bit_host(packed, state, torch.bfloat16, out=torch.empty(4, 64))
     with pytest.raises(TypeError, match="dtype"):
-        kernel_checks.dequantize_4bit_host(packed, state, torch.int8)
+        kernel_build.dequantize_4bit_host(packed, state, torch.int8)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -97,12 +97,12 @@ def test_load_4bit_reads_transformers_4bit_save_without_requantizing(ckpt, tmp_p
 
 
 def test_save_4bit_of_a_qlora_model_keeps_base_names(ckpt, tmp_path, ids):
-    from qlora_mini.lora import add_lora, lora_layers
+    from qlora_mini.lora import LoRALinear, add_lora, lora_layers
     model = load_4bit(ckpt, compute_dtype=BF16, device="cpu")
     base = model.state_dict()
     add_lora(model, [n for n, m in model.named_modules() if isinstance(m, Linear4bit)], r=4)
     assert lora_layers(model)
-    save_4bit(model, tmp_path)
+    save_4bit(model, tmp_path, wrappers=(LoRALinear,))
     back = load_4bit(tmp_path, compute_dtype=BF16, device="cpu").state_dict()
     assert back.keys() == base.keys() and all(torch.equal(back[k], base[k]) for k in base)
 
@@ -132,7 +132,7 @@ def test_chunked_quantizer_both_paths_odd_length(monkeypatch):
     W = torch.randn(7, 333, generator=torch.Generator().manual_seed(3))   # 2331 values: odd
     a, sa = quantize_4bit(W, 64, "nf4", True)
     compiled = quantize_4bit_chunked(W, 64, "nf4", True, chunk=1024)
-    monkeypatch.setattr(L, "cpu_available", lambda: False)
+    monkeypatch.setattr(L.kernels, "cpu_available", lambda: False)
     torch_path = quantize_4bit_chunked(W, 64, "nf4", True, chunk=1024)
     for b, sb in (compiled, torch_path):
         assert torch.equal(a, b) and torch.equal(sa.absmax, sb.absmax)

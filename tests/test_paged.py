@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import qlora_mini.paged as paged
-from qlora_mini.paged import CSRC, PagedAdamW, adamw_update, adamw_update_foreach, chunks
+from qlora_mini.kernels import CSRC
+from qlora_mini.paged import PagedAdamW, adamw_update, adamw_update_foreach, chunks
 from qlora_mini.utils import in_ci
 
 SHAPES = [(64, 32), (128,), (3, 5, 7)]  # ragged sizes on purpose: the update is elementwise

@@ -8,8 +8,7 @@ import torch
 import qlora_mini  # noqa: F401  (silences bitsandbytes' `kernels` log line before bnb loads)
 import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-from qlora_mini import backends, storage
-from qlora_mini.backends import dequantize_path, register_dequantize_backend
+from qlora_mini import storage
 from qlora_mini.storage import (QuantState4bit, _dequantize_4bit_torch, bits_per_param,
                                 dequantize_4bit, double_dequantize, from_bnb, quantize_4bit,
                                 storage_nbytes, to_bnb)
@@ -161,6 +160,8 @@ def test_state_must_match_packed():
     assert callable(storage.from_bnb)                 # the conversion the message points to exists
     with pytest.raises(TypeError, match="dtype"):
         dequantize_4bit(packed, state, dtype=torch.int8)
+    with pytest.raises(TypeError, match="state must be a QuantState4bit"):
+        dequantize_4bit(packed, None)
 
 
 def test_storage_nbytes_counts_what_is_stored():
@@ -172,7 +173,7 @@ def test_storage_nbytes_counts_what_is_stored():
         assert storage_nbytes(n, bs, dq) == packed.numel() + state.nbytes()
 
 
-# ---------------------------------------------------------------- the reference and the backends
+# ---------------------------------------------------------------- the reference
 def _by_hand(packed, state, dtype):
     """The four readable steps: unpack, look up, scale per block, round once (no chunks)."""
     idx = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:state.numel].long()
@@ -217,51 +218,14 @@ def test_reference_is_lean():
     assert max(b for dt, b in log.rows if dt == torch.float32) <= 4 * chunk
 
 
-def test_backend_registry_dispatches_in_order(monkeypatch):
-    monkeypatch.setattr(backends, "_BACKENDS", {})
-    packed, state = quantize_4bit(torch.randn(4, 64))
-    assert dequantize_path(packed, state) == "PyTorch reference"
-    calls = []
-
-    def fake(packed, state, dtype):
-        calls.append(dtype)
-        return torch.zeros(state.shape, dtype=dtype)
-    register_dequantize_backend("fp16 only", lambda p, s, dtype: dtype == torch.float16, fake)
-    assert dequantize_path(packed, state, torch.float16) == "fp16 only"
-    assert dequantize_path(packed, state, torch.float32) == "PyTorch reference"
-    assert (dequantize_4bit(packed, state, torch.float16) == 0).all() and calls == [torch.float16]
-    assert torch.equal(dequantize_4bit(packed, state, torch.float32),
-                       _by_hand(packed, state, torch.float32))
-    with pytest.raises(TypeError, match="register_dequantize_backend"):
-        register_dequantize_backend("bad", None, fake)
-
-
-def test_a_backend_that_checks_its_arguments_runs_unchecked_and_refusals_are_explained(monkeypatch):
-    """checks_arguments=True: dequantize_4bit hands the arguments over as they are (no check_state
-    first); when the backend raises, check_state names the bad argument, and an error of good
-    arguments passes through unchanged."""
-    monkeypatch.setattr(backends, "_BACKENDS", {})
-    packed, state = quantize_4bit(torch.randn(4, 64))
-    seen = []
-
-    def strict(packed, state, dtype):
-        seen.append(packed.numel())
-        if packed.numel() != (state.numel + 1) // 2 or dtype not in (torch.float32, torch.float16):
-            raise RuntimeError("refused")                     # what a compiled check would say
-        if dtype == torch.float16:
-            raise MemoryError("out of memory")                # good arguments, a real failure
-        return torch.zeros(state.shape, dtype=dtype)
-    register_dequantize_backend("strict", lambda p, s, d: True, strict, checks_arguments=True)
-    assert (dequantize_4bit(packed, state) == 0).all()
-    with pytest.raises(ValueError, match="packed: 127 entries.*need 128"):
-        dequantize_4bit(packed[:-1], state)                   # reached the backend unchecked
-    assert seen == [128, 127]
-    with pytest.raises(MemoryError):
-        dequantize_4bit(packed, state, torch.float16)
-    with pytest.raises(TypeError, match="dtype must be"):
-        dequantize_4bit(packed, state, torch.int8)
-    with pytest.raises(TypeError, match="state must be a QuantState4bit"):
-        dequantize_4bit(packed, None)
+def test_dequantize_4bit_is_the_reference():
+    """Chapter 3's public function is the PyTorch reference and nothing else, on every dtype."""
+    for W, bs, qt, dq in random_cases(6, 21):
+        packed, state = quantize_4bit(W, bs, qt, dq)
+        for dtype in DTYPES:
+            view = torch.int32 if dtype == torch.float32 else torch.int16
+            assert torch.equal(dequantize_4bit(packed, state, dtype).view(view),
+                               _by_hand(packed, state, dtype).view(view))
 
 
 def test_old_names_are_gone():

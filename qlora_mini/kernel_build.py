@@ -1,6 +1,8 @@
-"""Checks of the dequantization kernels that need no GPU (hand-written plumbing, not generated).
+"""The dequantization kernels built outside torch, for the checks that need no GPU (hand-written
+developer tools, not generated).
 
-Chapter 4 and ``tests/test_kernels.py`` use them on any machine with ``nvcc`` (and ``g++``):
+Chapter 4, ``tests/test_kernels.py`` and ``bench/dequant.py`` use them on any machine with
+``nvcc`` (and ``g++``):
 
 - :func:`compile_check` compiles ``csrc/dequant_4bit.cu`` alone to cubins for several GPU
   architectures and reports registers and spills; :func:`ptx_summary` counts what the PTX promises
