@@ -32,32 +32,10 @@ import qlora_mini  # noqa: F401  (silences bitsandbytes' log line)
 from qlora_mini.linear4bit import STATE_FIELDS, Linear4bit, replace_module
 from qlora_mini.lora import LoRALinear
 from qlora_mini.memory import activation_terms, llama_config, storage_bytes
+from qlora_mini.random_qlora import random_linear4bit
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def random_linear4bit(in_features, out_features, g) -> Linear4bit:
-    """A Linear4bit with random codes and plausible block constants, without quantizing (fast)."""
-    layer = Linear4bit(in_features, out_features, bias=False, device="meta")
-    tensors = {}
-    for name in ("packed", *STATE_FIELDS):
-        t = getattr(layer, name)
-        if t is None:
-            continue
-        if t.dtype == torch.uint8:
-            tensors[name] = torch.randint(0, 256, t.shape, dtype=torch.uint8, generator=g)
-        else:
-            tensors[name] = torch.rand(t.shape, generator=g) * 0.02 + 0.01
-    from qlora_mini.codebooks import get_code
-    from qlora_mini.storage import dynamic_code
-    tensors["code"], tensors["nested_code"] = get_code("nf4"), dynamic_code()
-    for name, t in tensors.items():
-        if name in layer._parameters:
-            layer._parameters[name] = nn.Parameter(t, requires_grad=False)
-        else:
-            layer._buffers[name] = t
-    return layer
 
 
 def build_layer(size: str, r: int, lora_dtype, seed: int = 0):
@@ -69,14 +47,15 @@ def build_layer(size: str, r: int, lora_dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     for name in LINEARS:
         lin = layer.get_submodule(name)
-        base = random_linear4bit(lin.in_features, lin.out_features, g)
+        base = random_linear4bit(lin.in_features, lin.out_features, "cpu", g)
         replace_module(layer, name, LoRALinear(base, r=r, alpha=16, dropout=0.05))
     for norm in (layer.input_layernorm, layer.post_attention_layernorm):
         norm.weight = nn.Parameter(torch.ones(cfg.hidden_size))                 # fp32 norms
         norm.weight.requires_grad_(False)
     for m in layer.modules():
         if isinstance(m, LoRALinear):
-            m.lora_A.to(lora_dtype), m.lora_B.to(lora_dtype)
+            m.lora_A.to(lora_dtype)
+            m.lora_B.to(lora_dtype)
     layer.train()
     return cfg, layer, LlamaRotaryEmbedding(cfg)
 

@@ -1,43 +1,71 @@
-"""Chapter 10's GPU lab, its CPU side: arguments, the refusal without CUDA, the result schema, and
-the pieces that run anywhere (random 4-bit layers, the runner catching a failing step)."""
+"""Chapter 10's GPU lab (bench/lab.py), its CPU side: arguments, the refusal without CUDA, the
+result schema, the runner catching a failing step; and the package's random QLoRA models
+(qlora_mini.random_qlora) that the lab and bench/layer65b.py build on."""
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import qlora_mini  # noqa: F401
-from qlora_mini import lab
 from qlora_mini.linear4bit import Linear4bit
+from qlora_mini.lora import LoRALinear
+from qlora_mini.random_qlora import random_linear4bit, random_qlora_model
+from qlora_mini.storage import storage_nbytes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_refuses_without_cuda_in_one_line(monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def lab():
+    spec = importlib.util.spec_from_file_location("bench_lab", ROOT / "bench" / "lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_refuses_without_cuda_in_one_line(lab, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert lab.main([]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [lab.NO_CUDA] and "CUDA" in err[0]
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [lab.NO_CUDA] and "CUDA" in lab.NO_CUDA
+    assert captured.out == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.processes
-def test_module_command_exits_2():
-    r = subprocess.run([sys.executable, "-m", "qlora_mini.lab"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == lab.NO_CUDA
-    assert r.stdout == ""
+def test_script_exits_2_from_anywhere(lab, tmp_path):
+    """Run as a reader runs it, from another folder: exit status 2, one line, no file."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "lab.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == lab.NO_CUDA
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
-def test_arguments():
-    a = lab.parse_args([])
-    assert a.steps == list(lab.STEPS) and a.cap_gib == 48 and a.layers == 80 and a.tokens == 512
+def test_the_lab_is_not_in_the_package():
+    assert importlib.util.find_spec("qlora_mini.lab") is None
+
+
+def test_arguments(lab):
+    args = lab.parse_args([])
+    assert args.steps == list(lab.STEPS) and args.cap_gib == 48 and args.layers == 80
+    assert args.tokens == 512 and args.out is None
     assert lab.parse_args(["--steps", "paging,kernels"]).steps == ["kernels", "paging"]  # lab order
-    for bad in (["--steps", "kernels,nope"], ["--steps", ","], ["--cap-gib", "0"], ["--layers", "0"]):
+    for bad in (["--steps", "kernels,nope"], ["--steps", ","], ["--cap-gib", "0"], ["--layers", "0"],
+                ["--tokens", "1"]):
         with pytest.raises(SystemExit) as e:
             lab.parse_args(bad)
         assert e.value.code == 2
 
 
-def test_run_step_records_failures_and_the_schema():
+def test_every_step_has_a_function(lab):
+    assert set(lab.STEP_FUNCTIONS) == set(lab.STEPS)
+    assert set(lab.SHARING_A_MODEL) < set(lab.STEPS)
+
+
+def test_run_step_records_failures_and_the_schema(lab):
     ok = lab.run_step("kernels", lambda: {"x": 1})
     bad = lab.run_step("paging", lambda: 1 / 0)
     skipped = lab.run_step("vs_bnb", lambda: {"status": "skipped", "reason": "r"})
@@ -54,19 +82,47 @@ def test_run_step_records_failures_and_the_schema():
     assert any("kernels" in p for p in problems)
 
 
-def test_environment_names_versions():
+def test_subprocess_steps_run_in_the_checkout(lab):
+    """A step's command runs at the checkout's root, whatever the current folder: its exit status
+    decides ok or failed, and the output's tail is kept."""
+    ok = lab.run_in_checkout([sys.executable, "-c", "import os; print(os.getcwd())"], timeout=60)
+    assert ok["status"] == "ok" and Path(ok["output_tail"].strip()) == ROOT
+    failed = lab.run_in_checkout([sys.executable, "-c", "raise SystemExit(3)"], timeout=60)
+    assert failed["status"] == "failed" and failed["returncode"] == 3
+    assert (ROOT / "bench" / "dequant.py").is_file() and (ROOT / "tests" / "test_kernels.py").is_file()
+
+
+def test_environment_names_versions(lab):
     env = lab.environment()
     assert {"torch", "transformers", "bitsandbytes", "peft", "cuda"} <= set(env["versions"])
     assert env["date"][:2] == "20"
 
 
+def test_paging_step_needs_the_65b_step(lab):
+    assert lab.step_paging(lab.parse_args([]), {})["status"] == "skipped"
+
+
 def test_random_linear4bit_is_a_working_layer():
-    layer = lab.random_linear4bit(128, 64, "cpu", torch.Generator().manual_seed(0))
+    layer = random_linear4bit(128, 64, "cpu", torch.Generator().manual_seed(0))
     assert isinstance(layer, Linear4bit) and not any(t.is_meta for t in layer.state_dict().values())
-    y = layer(torch.randn(3, 128, dtype=torch.bfloat16))
+    stored = sum(t.nbytes for t in (layer.packed, layer.absmax, layer.nested_absmax, layer.offset))
+    assert stored == storage_nbytes(128 * 64)              # chapter 3's count, made independently
+    y = layer(torch.randn(3, 128, dtype=torch.bfloat16))   # (3, 64)
     assert y.shape == (3, 64) and torch.isfinite(y.float()).all()
+    again = random_linear4bit(128, 64, "cpu", torch.Generator().manual_seed(0))
+    assert torch.equal(layer.packed, again.packed)         # the generator decides every value
 
 
-def test_paging_step_needs_the_65b_step():
-    args = lab.parse_args([])
-    assert lab.step_paging(args, {})["status"] == "skipped"
+def test_random_qlora_model_is_a_qlora_model_with_the_reference_policy():
+    """A tiny LLaMA size takes a training step; the 4-bit layers, LoRA and dtypes are in place."""
+    model = random_qlora_model("7B", layers=1, r=4, device="cpu")
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(adapted) == 7 and all(isinstance(m.base, Linear4bit) for m in adapted)
+    assert {m.lora_A.weight.dtype for m in adapted} == {torch.bfloat16}
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(0, 32000, (1, 4))                   # (1, 4) token ids
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)

@@ -19,6 +19,7 @@ from qlora_mini.model import (MODEL_CONFIG, TRAIN_CONFIG, cache_dir, default_mod
                               token_stream, weights_sha256)
 from qlora_mini.studies.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
 from qlora_mini.studies.family import FAMILY, family_model_dir, family_parameters
+from qlora_mini.utils import default_device
 
 
 def provenance() -> dict:
@@ -187,7 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--blocksizes", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--out", help="results folder (default: results/EXPERIMENT)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device(),
+                        help="where the models run (default: cuda when visible, else cpu)")
     parser.add_argument("--steps", type=int, help="pretraining steps (default: the recipe's)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the recipe's)")
     return parser
