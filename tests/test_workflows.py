@@ -64,7 +64,7 @@ def test_gpu_runs_tests_lab_and_uploads_results():
     job = workflow("gpu.yml")["jobs"]["gpu"]
     assert job["runs-on"] == ["self-hosted", "gpu"]
     lines = steps(job)
-    for expected in ("make test", "python -m qlora_mini.lab", "actions/upload-artifact"):
+    for expected in ("make test", "python bench/lab.py", "actions/upload-artifact"):
         assert expected in lines, expected
     upload = next(s for s in job["steps"] if "upload-artifact" in s.get("uses", ""))
     assert upload["with"]["path"] == "bench/results"
