@@ -7,20 +7,12 @@ does), so `python -m qlora_mini.train` does not pay for pandas and the Elo chapt
 import importlib
 import importlib.util
 import logging as _logging
-import os as _os
-import warnings as _warnings
 
 # bitsandbytes' CPU backend logs a harmless line about the optional `kernels` package on import.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 __version__ = "0.1.0"
 
-if int(_os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: chapter 11 registers
-    # FSDP2 with chapter 8's command (recipe.register_processes). `-m qlora_mini.distributed`
-    # then runs a second copy of the module as __main__, which runpy warns about: harmless here.
-    _warnings.filterwarnings("ignore", "'qlora_mini.distributed' found in sys.modules",
-                             RuntimeWarning)
-    from . import distributed  # noqa: E402
 
 _EXPORTS = {  # module (in chapter order) -> the public names it gives the package
     "quantization": ["dequantize_blockwise", "quantize_blockwise"],               # chapter 1

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qlora_mini.config import resume_changes
-from qlora_mini.lora import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, adapter_config, read_adapter
+from qlora_mini.lora import PEFT_PREFIX, read_adapter, save_adapter
 from qlora_mini.utils import atomic_dir
 
 
@@ -74,25 +74,11 @@ def _set_rng_state(tensors: dict, scalars: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a parameter, gradient or norm that may be sharded (DTensor)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def whole_adapters(model) -> dict:
-    """{parameter name: whole tensor on the CPU} of the trained (LoRA) parameters."""
-    return {n: whole(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def write_adapter(model, tensors: dict, directory: Path) -> Path:
-    """lora.save_adapter's PEFT files, from whole_adapters (so also for a sharded model)."""
-    tensors = {PEFT_PREFIX + n: t.contiguous() for n, t in tensors.items()}
-    if not all(torch.isfinite(t).all() for t in tensors.values()):
-        raise ValueError("refusing to save non-finite adapters (NaN or inf: a diverged run?)")
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(adapter_config(model), indent=2) + "\n")
-    return directory
+def adapter_tensors(model, processes) -> dict:
+    """{parameter name: whole tensor on the CPU} of the trained (LoRA) parameters, gathered from
+    every process's shard when the model is sharded (every process calls it)."""
+    return {n: processes.full_tensor(p.detach()).cpu()
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
@@ -122,25 +108,25 @@ def fault_hook(event: str, step: int) -> None:
         time.sleep(600)
 
 
-def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg, par) -> Path:
+def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg, processes) -> Path:
     """checkpoint-N/: adapter/ (PEFT files), optimizer.{safetensors,json}, rng.safetensors and
     trainer_state.json (step, data position, scheduler, python/numpy RNG, config). Every process
-    calls it (the state is gathered: par.gather, torch.distributed.checkpoint); process 0 writes."""
+    calls it (state gathered: processes.gather, torch.distributed.checkpoint); process 0 writes."""
     step = state["step"]
     final = out / f"checkpoint-{step}"
-    adapters = whole_adapters(model)
+    adapters = adapter_tensors(model, processes)
     optim = get_optimizer_state_dict(model, opt, options=WHOLE)   # process 0's: whole, CPU
-    rng = par.gather(_rng_state())                                # [(tensors, scalars)] a process
+    rng = processes.gather(_rng_state())                          # [(tensors, scalars)] a process
 
     def write(tmp: Path):
-        write_adapter(model, adapters, tmp / "adapter")
+        save_adapter(model, tmp / "adapter", adapters)
         fault_hook("mid-save", step)
         _optimizer_to_files(optim, tmp)
         save_file({f"{r}.{k}": t for r, (ts, _) in enumerate(rng) for k, t in ts.items()},
                   tmp / "rng.safetensors")
         sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {**state, "world_size": par.world, "scheduler": sched_state,
+            {**state, "world_size": processes.world, "scheduler": sched_state,
              "rng": [sc for _, sc in rng], "config": asdict(cfg)}))
         _write_manifest(tmp)
 
@@ -149,7 +135,7 @@ def save_checkpoint(out: Path, model, opt, sched, state: dict, cfg, par) -> Path
         prune_checkpoints(out, cfg.save_total_limit)
         fault_hook("saved", step)
 
-    par.rank0(commit)
+    processes.rank0(commit)
     return final
 
 
@@ -233,17 +219,17 @@ def resume_point(cfg, force: bool, world: int = 1) -> Path | None:
     return found
 
 
-def load_checkpoint(folder: Path, model, opt, sched, par) -> dict:
+def load_checkpoint(folder: Path, model, opt, sched, processes) -> dict:
     """Restore adapters, optimizer, scheduler and this process's RNG from `folder` (every process
     reads it); returns the trainer state."""
     state = _trainer_state(folder)
     read_adapters(model, folder / "adapter")
     set_optimizer_state_dict(model, opt, _optimizer_from_files(folder), options=WHOLE)
     sched.load_state_dict({**state.pop("scheduler"), "lr_lambdas": [None] * len(opt.param_groups)})
-    rng, mine = load_file(folder / "rng.safetensors"), f"{par.rank}."
-    if par.rank < len(state["rng"]):        # a process the checkpoint had (else: its own seed)
+    rng, mine = load_file(folder / "rng.safetensors"), f"{processes.rank}."
+    if processes.rank < len(state["rng"]):  # a process the checkpoint had (else: its own seed)
         _set_rng_state({k[len(mine):]: t for k, t in rng.items() if k.startswith(mine)},
-                       state["rng"][par.rank])
+                       state["rng"][processes.rank])
     for key in ("rng", "config", "world_size"):
         state.pop(key, None)
     return state
@@ -266,7 +252,10 @@ def run_lock(out: Path):
         f.close()
         raise OutputInUse(f"{out} is in use by another training run (pid {holder}); wait for "
                           "it to finish or choose another --output") from None
-    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")          # the holder, for the message above
+    f.flush()
     try:
         yield
     finally:
@@ -287,4 +276,7 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
                               "--resume to continue it or --overwrite to start afresh there")
     if overwrite and not resume:
         for p in old + [out / name for name in RUN_FILES]:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)

@@ -8,64 +8,47 @@ import typing
 
 import yaml
 
-from qlora_mini.data import DEFAULT_DATA
+from qlora_mini.data import DEFAULT_DATA, FORMATS
 from qlora_mini.model import DEFAULT_MODEL
+from qlora_mini.policy import DTYPE_POLICIES
+from qlora_mini.storage import FLOAT_DTYPES, QUANT_TYPES
 
 
 CONFIG_DIR = Path(files("qlora_mini").joinpath("configs"))  # the presets (package data)
+OPTIMIZERS = ("paged_adamw_32bit", "adamw_torch")       # recipe.make_optimizer builds them
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")  # recipe.lr_factor
+COMPUTE_DTYPES = ("auto", *(str(d).removeprefix("torch.") for d in FLOAT_DTYPES))
 
 
 @dataclass
-class _InputKnobs:
-    """What a run trains on: the model, the data, and how records become token sequences."""
+class TrainConfig:
+    """Every knob of a run; the YAML presets in qlora_mini/configs set these keys and no others."""
     model: str = DEFAULT_MODEL         # hub id or local directory
     data: str = DEFAULT_DATA           # hub dataset id or local .json/.jsonl/.csv
-    output: str = "runs/guanaco"
-    dataset_format: str = "auto"       # auto | oasst | alpaca | input-output
+    output: str = "runs/guanaco"       # the run's folder: log, checkpoints, adapter
+    dataset_format: str = "auto"       # one of data.FORMATS
     eval_fraction: float = 0.1         # held out from a local file without an eval split
-    max_eval_samples: typing.Optional[int] = 1000
-    source_max_len: int = 16
-    target_max_len: int = 512
+    max_eval_samples: typing.Optional[int] = 1000   # null: all held-out examples
+    source_max_len: int = 16; target_max_len: int = 512             # tokens, each cut to these
     allow_long_sequences: bool = False  # True: source + target may exceed the model's positions
     train_on_source: bool = False      # False: loss on the targets only (prompt labels -100)
-    group_by_length: bool = True
-
-
-@dataclass
-class _AdapterKnobs(_InputKnobs):
-    """How the base is stored and which LoRA adapters train on it."""
+    group_by_length: bool = True       # batches of similar lengths (less padding)
     quantize: bool = True              # False: plain LoRA on a 16/32-bit base
-    quant_type: str = "nf4"
-    double_quant: bool = True
+    quant_type: str = "nf4"; double_quant: bool = True              # storage.QUANT_TYPES
     compute_dtype: str = "auto"        # auto: bfloat16 where native, else float32 (utils)
-    dtype_policy: str = "reference"    # reference (qlora.py --bf16) | fp32 (fp32 adapters, PEFT's)
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: typing.Union[str, list] = "all-linear"
-
-
-@dataclass
-class TrainConfig(_AdapterKnobs):
-    """Every knob of a run; the YAML presets in qlora_mini/configs set these keys and no others."""
-    optim: str = "paged_adamw_32bit"   # paged_adamw_32bit | adamw_torch
-    learning_rate: float = 2e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    lr_scheduler_type: str = "constant"  # constant | constant_with_warmup | linear | cosine
-    warmup_ratio: float = 0.03
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 16
-    max_steps: int = 1875
+    dtype_policy: str = "reference"    # policy.DTYPE_POLICIES: reference (qlora.py --bf16) | fp32
+    lora_r: int = 64; lora_alpha: float = 16.0; lora_dropout: float = 0.05
+    target_modules: typing.Union[str, list] = "all-linear"          # or a list of layer names
+    optim: str = "paged_adamw_32bit"; learning_rate: float = 2e-4   # one of OPTIMIZERS
+    adam_beta1: float = 0.9; adam_beta2: float = 0.999; adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0; max_grad_norm: float = 0.3            # 0: no clipping
+    lr_scheduler_type: str = "constant"; warmup_ratio: float = 0.03  # one of LR_SCHEDULERS
+    per_device_train_batch_size: int = 1; gradient_accumulation_steps: int = 16
+    max_steps: int = 1875              # optimizer steps
     gradient_checkpointing: bool = True
     seed: int = 42
-    logging_steps: int = 10
-    save_steps: int = 250
-    eval_steps: int = 0                # 0: evaluate only at the end
-    save_total_limit: typing.Optional[int] = None
+    logging_steps: int = 10; save_steps: int = 250; eval_steps: int = 0  # eval 0: at the end
+    save_total_limit: typing.Optional[int] = None   # checkpoints kept; null: all
 
 
 def presets() -> list[str]:
@@ -112,11 +95,8 @@ def load_config(config: str = "default", overrides: dict | None = None) -> Train
     return TrainConfig(**values)
 
 
-ALLOWED = {"dataset_format": ("auto", "oasst", "alpaca", "input-output"),
-           "quant_type": ("nf4", "fp4"), "compute_dtype": ("auto", "float32", "bfloat16", "float16"),
-           "dtype_policy": ("reference", "fp32"),
-           "optim": ("paged_adamw_32bit", "adamw_torch"),
-           "lr_scheduler_type": ("constant", "constant_with_warmup", "linear", "cosine")}
+ALLOWED = {"dataset_format": FORMATS, "quant_type": QUANT_TYPES, "compute_dtype": COMPUTE_DTYPES,
+           "dtype_policy": DTYPE_POLICIES, "optim": OPTIMIZERS, "lr_scheduler_type": LR_SCHEDULERS}
 POSITIVE = ("source_max_len", "target_max_len", "lora_r", "per_device_train_batch_size",
             "gradient_accumulation_steps", "max_steps", "learning_rate", "lora_alpha",
             "adam_epsilon")

@@ -3,6 +3,7 @@
 """Evaluation for chapter 8: held-out loss/perplexity, MMLU-style scoring, Guanaco generation."""
 import argparse
 import csv
+from dataclasses import replace
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,13 @@ import sys
 
 import torch
 
-from qlora_mini.data import IGNORE_INDEX, bos_ids, collate, guanaco_prompt, pad_token_id, stdlib_qa
+from qlora_mini.config import TrainConfig, load_config
+from qlora_mini.data import (DEFAULT_DATA, IGNORE_INDEX, bos_ids, collate, guanaco_prompt,
+                             load_splits, pad_token_id, stdlib_qa, tokenize_example)
+from qlora_mini.lora import load_adapter, read_adapter
+from qlora_mini.model import DEFAULT_MODEL, load_model, load_tokenizer
+from qlora_mini.recipe import build_model, tokenized_splits
+from qlora_mini.utils import default_device
 
 
 CHOICES = ("A", "B", "C", "D")
@@ -138,23 +145,40 @@ def generate(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
     return text.split("### Human")[0].strip()
 
 
-def load_for_eval(model_name: str, adapter=None):
-    """The base model, with the LoRA adapters of a `train` run (PEFT folder) on top if given."""
-    from qlora_mini.lora import load_adapter
-    from qlora_mini.model import load_model
-    model = load_model(model_name)
-    if adapter is not None:  # prepares the model (4-bit base + LoRA) from adapter_config.json
-        load_adapter(model, adapter, gradient_checkpointing=False)
-    return (model.cuda() if torch.cuda.is_available() else model).eval()
+def run_config(adapter) -> TrainConfig | None:
+    """The config of the `train` run that wrote `adapter`: RUN/config.yaml beside RUN/adapter, or
+    trainer_state.json beside checkpoint-N/adapter; None for an adapter from elsewhere."""
+    folder = Path(adapter).parent
+    if (folder / "config.yaml").is_file():
+        return load_config(str(folder / "config.yaml"))
+    if (folder / "trainer_state.json").is_file():   # every key is stored: the preset is replaced
+        stored = json.loads((folder / "trainer_state.json").read_text())["config"]
+        return load_config("default", stored)
+    return None
+
+
+def load_for_eval(model_name: str | None, adapter=None):
+    """The base model, with the LoRA adapters of a `train` run (PEFT folder) on top if given,
+    built as that run built it (run_config; model_name None: the run's model). Without a run's
+    config: load_adapter prepares chapter 6's default 4-bit base from adapter_config.json."""
+    cfg = None if adapter is None else run_config(adapter)
+    if cfg is None:
+        model = load_model(model_name or DEFAULT_MODEL)
+        if adapter is not None:
+            load_adapter(model, adapter, gradient_checkpointing=False)
+        return model.to(default_device()).eval()
+    cfg = replace(cfg, model=model_name or cfg.model, gradient_checkpointing=False)
+    model = build_model(cfg)             # the run's base and LoRA layers, on the default device
+    return load_adapter(model, adapter).eval()
 
 
 def _parser() -> argparse.ArgumentParser:
-    from qlora_mini.data import DEFAULT_DATA
-    from qlora_mini.model import DEFAULT_MODEL
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.evaluate", description=__doc__)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--adapter", help="a PEFT adapter folder, e.g. RUN/adapter")
-    ap.add_argument("--data", default=DEFAULT_DATA, help="held-out loss on this data's eval split")
+    ap.add_argument("--model", help=f"hub id or folder (default: the run's, else {DEFAULT_MODEL})")
+    ap.add_argument("--adapter", help="a PEFT adapter folder, e.g. RUN/adapter: evaluated on the "
+                    "base its run trained it on (RUN/config.yaml)")
+    ap.add_argument("--data", help="held-out loss on this data's eval split (default: the run's "
+                    f"held-out examples, as its log reports them; without a run: {DEFAULT_DATA})")
     ap.add_argument("--mcq", help="a folder in MMLU's CSV layout (dev/, test/), or 'stdlib' for "
                     "the test make_stdlib_mcq builds")
     ap.add_argument("--k", type=int, default=5, help="shots for --mcq")
@@ -162,26 +186,36 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _held_out(args, cfg: TrainConfig | None, tokenizer) -> list[dict]:
+    """The tokenized held-out examples: the run's own (its data, format, lengths and
+    max_eval_samples: what its log's eval_loss covers), or --data's eval split."""
+    if args.data is None and cfg is not None:
+        return tokenized_splits(cfg, tokenizer)[1]
+    return [tokenize_example(tokenizer, r) for r in load_splits(args.data or DEFAULT_DATA)[1]]
+
+
 def main(argv=None) -> dict:
-    from qlora_mini.lora import read_adapter
-    from qlora_mini.data import load_splits, tokenize_example
-    from qlora_mini.model import load_tokenizer
     args = _parser().parse_args(argv)
     try:
-        _, held = load_splits(args.data)
+        if args.adapter is not None:
+            read_adapter(args.adapter)  # missing, truncated, non-finite: one line, exit 2
+        cfg = None if args.adapter is None else run_config(args.adapter)
+        model_name = args.model or (cfg.model if cfg else DEFAULT_MODEL)
+        if cfg is not None:
+            cfg = replace(cfg, model=model_name)
+        tokenizer = load_tokenizer(model_name)
+        held = _held_out(args, cfg, tokenizer)
         if args.mcq == "stdlib":
             import tempfile
             args.mcq = make_stdlib_mcq(Path(tempfile.mkdtemp()) / "mcq")
         elif args.mcq:
             read_mcq_dir(args.mcq)  # fail before loading the model
-        if args.adapter is not None:
-            read_adapter(args.adapter)  # missing, truncated, non-finite: one line, exit 2
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tokenizer, model = load_tokenizer(args.model), load_for_eval(args.model, args.adapter)
+    model = load_for_eval(model_name, args.adapter)
     pad_id = pad_token_id(tokenizer)
-    result = {"heldout": eval_loss(model, [tokenize_example(tokenizer, r) for r in held], pad_id)}
+    result = {"heldout": eval_loss(model, held, pad_id)}
     if args.mcq:
         result["mcq"] = mcq_accuracy(model, tokenizer, args.mcq, k=args.k)
     result["answers"] = {q: generate(model, tokenizer, q) for q in args.ask}

@@ -28,9 +28,8 @@ def check_lora_args(r, alpha, dropout) -> None:
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scaling * B(A(dropout(x))): a frozen base layer (Linear4bit or nn.Linear) plus
-    a trainable rank-r update. A is Kaiming-uniform (like nn.Linear and PEFT), B is zero, so a
-    fresh LoRALinear computes exactly what its base computes."""
+    """y = base(x) + scaling * B(A(dropout(x))): a frozen base layer plus a trainable rank-r update.
+    A is Kaiming-uniform, B zero (as in PEFT): a fresh LoRALinear computes what its base computes."""
 
     def __init__(self, base, r: int = 64, alpha: float = 16, dropout: float = 0.05, dtype=torch.float32):
         super().__init__()
@@ -43,8 +42,9 @@ class LoRALinear(nn.Module):
         device = base.packed.device if isinstance(base, Linear4bit) else base.weight.device
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device)   # A: (r, in) fp32
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device)  # B: (out, r) fp32
-        self.reset_lora_parameters()
-        self.lora_A.to(dtype), self.lora_B.to(dtype)  # drawn in fp32 as PEFT does, stored in dtype
+        self.reset_lora_parameters()      # drawn in fp32 as PEFT does, stored in dtype:
+        self.lora_A.to(dtype)
+        self.lora_B.to(dtype)
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -167,25 +167,24 @@ def adapter_config(model) -> dict:
     if not layers:
         raise ValueError("model has no LoRALinear layers: call prepare_qlora(model) first")
     first = next(iter(layers.values()))
-    if any((m.r, m.alpha, m.dropout) != (first.r, first.alpha, first.dropout)
-           for m in layers.values()):
+    if len({(m.r, m.alpha, m.dropout) for m in layers.values()}) > 1:
         raise ValueError("adapters with different r/alpha/dropout per layer are not supported")
-    config = getattr(model, "config", None)
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
     return dict(peft_type="LORA", task_type="CAUSAL_LM", r=first.r, lora_alpha=first.alpha,
                 lora_dropout=first.dropout, target_modules=targets, bias="none",
                 fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
                 inference_mode=True, modules_to_save=None,
-                base_model_name_or_path=getattr(config, "_name_or_path", None) or None)
+                base_model_name_or_path=getattr(model, "name_or_path", None) or None)
 
 
-def save_adapter(model, directory) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's format and key names).
-    Non-finite adapters (a diverged run) are refused: nothing is written."""
+def save_adapter(model, directory, tensors: dict | None = None) -> Path:
+    """PEFT's adapter_config.json and adapter_model.safetensors of the model's adapters, or of
+    `tensors` ({parameter name: tensor}: a sharded model's, gathered); NaN/inf: nothing written."""
     directory = Path(directory)
     config = adapter_config(model)
-    tensors = {f"{PEFT_PREFIX}{name}.{ab}.weight": getattr(m, ab).weight.detach().contiguous().cpu()
-               for name, m in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+    tensors = tensors or {f"{name}.{ab}.weight": getattr(m, ab).weight.detach()
+                          for name, m in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+    tensors = {PEFT_PREFIX + n: t.contiguous().cpu() for n, t in tensors.items()}
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise ValueError("refusing to save non-finite adapters (NaN or inf: a diverged run?)")
     directory.mkdir(parents=True, exist_ok=True)

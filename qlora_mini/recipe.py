@@ -5,12 +5,14 @@ import math
 
 import torch
 
-from qlora_mini.config import TrainConfig
+from qlora_mini.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
+from qlora_mini.data import load_splits, tokenize_example
 from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.load4bit import load_4bit
-from qlora_mini.lora import add_lora, enable_gradient_checkpointing, prepare_qlora
+from qlora_mini.lora import LoRALinear, add_lora, enable_gradient_checkpointing, prepare_qlora
 from qlora_mini.model import load_model, resolve
 from qlora_mini.paged import PagedAdamW
+from qlora_mini.utils import default_device
 
 
 def build_model(cfg: TrainConfig):
@@ -19,7 +21,7 @@ def build_model(cfg: TrainConfig):
     applies the config's dtype policy (chapter 6).
     Plain LoRA (quantize=False): the same layers on the 16/32-bit base, everything else frozen."""
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     if cfg.quantize:
         dtype = None if cfg.compute_dtype == "auto" else getattr(torch, cfg.compute_dtype)
         model = load_4bit(resolve(cfg.model), quant_type=cfg.quant_type, compute_dtype=dtype,
@@ -38,6 +40,18 @@ def build_model(cfg: TrainConfig):
     return model
 
 
+def tokenized_splits(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
+    """The tokenized training and held-out examples of cfg.data."""
+    train_recs, eval_recs = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
+    if not train_recs:
+        raise ValueError(f"data {cfg.data!r}: no training records (after holding out "
+                         f"eval_fraction={cfg.eval_fraction})")
+    tok = lambda r: tokenize_example(tokenizer, r, cfg.source_max_len, cfg.target_max_len,
+                                     cfg.train_on_source)
+    eval_ex = [tok(r) for r in eval_recs]
+    return [tok(r) for r in train_recs], eval_ex[:cfg.max_eval_samples or None]
+
+
 def make_optimizer(cfg: TrainConfig, params):
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
               weight_decay=cfg.weight_decay)
@@ -45,7 +59,7 @@ def make_optimizer(cfg: TrainConfig, params):
         return PagedAdamW(params, **kw)
     if cfg.optim == "adamw_torch":
         return torch.optim.AdamW(params, foreach=False, **kw)
-    raise ValueError(f"optim={cfg.optim!r}; allowed: 'paged_adamw_32bit', 'adamw_torch'")
+    raise ValueError(f"optim={cfg.optim!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -65,8 +79,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
         return max(0.0, 1.0 - progress)
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"lr_scheduler_type={kind!r}; allowed: constant, constant_with_warmup, "
-                     "linear, cosine")
+    raise ValueError(f"lr_scheduler_type={kind!r}; allowed: {', '.join(LR_SCHEDULERS)}")
 
 
 def apply_hyperparameters(cfg: TrainConfig, opt, sched, model) -> None:
@@ -76,13 +89,13 @@ def apply_hyperparameters(cfg: TrainConfig, opt, sched, model) -> None:
                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     sched.base_lrs = [cfg.learning_rate] * len(opt.param_groups)
     for m in model.modules():
-        if hasattr(m, "lora_A"):
+        if isinstance(m, LoRALinear):
             m.alpha, m.scaling = cfg.lora_alpha, cfg.lora_alpha / m.r
 
 
-class OneProcess:
-    """How the processes of a run share it, where that matters; here one process does it all.
-    Chapter 11 registers FSDP2's version for torchrun (register_processes)."""
+class Processes:
+    """The processes that share a run, as the training loop sees them. This class is the case of
+    one process doing it all; chapter 11's FSDPProcesses (a subclass) is torchrun's processes."""
     rank, world = 0, 1   # this process, and how many share the run
 
     def shard(self, model):
@@ -101,15 +114,6 @@ class OneProcess:
         """[process 0's obj, process 1's obj, ...] on every process (the RNG states)."""
         return [obj]
 
-
-_PROCESSES = {}  # name -> (applies() -> bool, make() -> OneProcess)
-
-
-def register_processes(name: str, applies, make) -> None:
-    """Chapter 11's hook: make() replaces OneProcess when applies() (say, under torchrun)."""
-    _PROCESSES[name] = (applies, make)
-
-
-def processes() -> OneProcess:
-    """The first registered layout that applies, else one process."""
-    return next((make() for applies, make in _PROCESSES.values() if applies()), OneProcess())
+    def full_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole of a parameter, gradient or norm this process may hold a shard of."""
+        return t

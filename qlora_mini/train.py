@@ -16,17 +16,17 @@ import torch
 from tqdm.auto import tqdm
 import yaml
 
-from qlora_mini.checkpoint import (OutputInUse, fault_hook, load_checkpoint, prepare_output,
-                                   resume_point, run_lock, save_checkpoint, whole,
-                                   whole_adapters, write_adapter)
+from qlora_mini.checkpoint import (OutputInUse, adapter_tensors, fault_hook, load_checkpoint,
+                                   prepare_output, resume_point, run_lock, save_checkpoint)
 from qlora_mini.config import (TrainConfig, config_problems, length_problems, load_config,
                                presets)
-from qlora_mini.data import collate, epoch_batches, load_splits, pad_token_id, tokenize_example
+from qlora_mini.data import collate, epoch_batches, pad_token_id
 from qlora_mini.evaluate import eval_loss
+from qlora_mini.lora import save_adapter
 from qlora_mini.model import load_tokenizer
 from qlora_mini.plotting import figure
-from qlora_mini.recipe import (OneProcess, apply_hyperparameters, build_model, lr_factor,
-                               make_optimizer, processes)
+from qlora_mini.recipe import (Processes, apply_hyperparameters, build_model, lr_factor,
+                               make_optimizer, tokenized_splits)
 from qlora_mini.utils import atomic_dir
 
 
@@ -74,7 +74,7 @@ class Run:
     state: dict                      # {"step", "microbatch"}: all a resume needs besides files
     records: list                    # one dict per optimizer step, as log.jsonl holds them
     cache: dict = field(default_factory=dict)  # the current epoch's batch order
-    par: OneProcess = field(default_factory=OneProcess)  # the processes sharing the run
+    processes: Processes = field(default_factory=Processes)  # the processes sharing the run
 
     @property
     def params(self) -> list:
@@ -82,75 +82,80 @@ class Run:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm stopped being finite."""
+    """The loss or the gradient norm stopped being finite (at `step`, before its update)."""
 
-
-def tokenized_splits(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
-    """The tokenized training and held-out examples of cfg.data."""
-    train_recs, eval_recs = load_splits(cfg.data, cfg.dataset_format, cfg.eval_fraction, cfg.seed)
-    if not train_recs:
-        raise ValueError(f"data {cfg.data!r}: no training records (after holding out "
-                         f"eval_fraction={cfg.eval_fraction})")
-    tok = lambda r: tokenize_example(tokenizer, r, cfg.source_max_len, cfg.target_max_len,
-                                     cfg.train_on_source)
-    eval_ex = [tok(r) for r in eval_recs]
-    return [tok(r) for r in train_recs], eval_ex[:cfg.max_eval_samples or None]
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"step {step}: loss {loss} and gradient norm {grad_norm}: not finite; "
+                         "stopped before the update (lower learning_rate?). No adapter was "
+                         "written for this step.")
 
 
 def setup_run(cfg: TrainConfig, resume: bool = False, force: bool = False,
-              par: OneProcess | None = None) -> Run:
+              processes: Processes | None = None) -> Run:
     """Seed, load data, tokenizer and model, build the optimizer and schedule; with resume, load
     the newest valid checkpoint in cfg.output (config compared) and the log lines up to it."""
-    out, par = Path(cfg.output), par or OneProcess()
-    found = resume_point(cfg, force, par.world) if resume else None
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    processes = processes or Processes()
+    found = resume_point(cfg, force, processes.world) if resume else None
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex = tokenized_splits(cfg, tokenizer)
     model = build_model(cfg)
     problems = length_problems(cfg, getattr(model.config, "max_position_embeddings", None))
     if problems:
         raise ValueError("; ".join(problems))
-    model = par.shard(model)                    # chapter 11: FSDP2 under torchrun
+    model = processes.shard(model)              # chapter 11: FSDP2 under torchrun
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     run = Run(cfg, out, model, opt, sched, train_ex, eval_ex, pad_token_id(tokenizer),
-              {"step": 0, "microbatch": 0}, [], par=par)
+              {"step": 0, "microbatch": 0}, [], processes=processes)
     if found:
-        run.state = load_checkpoint(found, model, opt, sched, par)
-        if force:
-            apply_hyperparameters(cfg, opt, sched, model)
-        if (out / "log.jsonl").exists():  # drop what was logged after that checkpoint
-            lines = (out / "log.jsonl").read_text().splitlines()
-            run.records = [r for r in map(json.loads, lines) if r["step"] <= run.state["step"]]
-    par.rank0(lambda: (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg),
-                                                                      sort_keys=False)))
+        _resume(run, found, force)
+    processes.rank0(lambda: _write_config(out, cfg))
     return run
+
+
+def _write_config(out: Path, cfg: TrainConfig) -> None:
+    (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+
+def _resume(run: Run, found: Path, force: bool) -> None:
+    """Load checkpoint `found` into the run; keep the log lines up to its step."""
+    run.state = load_checkpoint(found, run.model, run.opt, run.sched, run.processes)
+    if force:
+        apply_hyperparameters(run.cfg, run.opt, run.sched, run.model)
+    if (run.out / "log.jsonl").exists():  # drop what was logged after that checkpoint
+        lines = (run.out / "log.jsonl").read_text().splitlines()
+        run.records = [r for r in map(json.loads, lines) if r["step"] <= run.state["step"]]
 
 
 def train_step(run: Run) -> dict:
     """One optimizer step: accumulate the gradients of gradient_accumulation_steps micro-batches,
     clip, step the optimizer and the schedule. Returns the step's log record. With N processes,
     process r computes micro-batches r, r + N, ... of the step's N x accumulation."""
-    cfg, state, par = run.cfg, run.state, run.par
+    cfg, state, processes = run.cfg, run.state, run.processes
     fault_hook("step", state["step"] + 1)
     loss_sum = 0.0
     for _ in range(cfg.gradient_accumulation_steps):
-        batch = _micro_batch(state["microbatch"] + par.rank, run.train_ex, cfg, run.pad_id,
+        batch = _micro_batch(state["microbatch"] + processes.rank, run.train_ex, cfg, run.pad_id,
                              run.cache)
         batch = {k: v.to(run.model.device) for k, v in batch.items()}  # (B, T) long each
-        state["microbatch"] += par.world
+        state["microbatch"] += processes.world
         loss = run.model(**batch).loss  # mean over the micro-batch's label tokens
         (loss / cfg.gradient_accumulation_steps).backward()
         loss_sum += loss.item()
-    loss_sum = par.mean(loss_sum)       # over the processes: the step's mean micro-batch loss
-    grad_norm = whole(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf))
+    loss_sum = processes.mean(loss_sum)  # over the processes: the step's mean micro-batch loss
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
+    grad_norm = processes.full_tensor(norm)  # () float32
     if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-        raise TrainingDiverged(
-            f"step {state['step'] + 1}: loss {loss_sum / cfg.gradient_accumulation_steps} and "
-            f"gradient norm {float(grad_norm)}: not finite; stopped before the update (lower "
-            "learning_rate?). No adapter was written for this step.")
+        raise TrainingDiverged(state["step"] + 1, loss_sum / cfg.gradient_accumulation_steps,
+                               float(grad_norm))
     lr = run.opt.param_groups[0]["lr"]
-    run.opt.step(), run.sched.step(), run.opt.zero_grad(set_to_none=True)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
     state["step"] += 1
     return {"step": state["step"], "loss": loss_sum / cfg.gradient_accumulation_steps,
             "lr": lr, "grad_norm": float(grad_norm),
@@ -167,30 +172,36 @@ def _evaluate_log_save(run: Run, rec: dict) -> None:
                                                          run.pad_id).items()})
         run.model.train()
     run.records.append(rec)
-    run.par.rank0(lambda: _write_log(run.out, run.records))
+    run.processes.rank0(lambda: _write_log(run.out, run.records))
     if (cfg.save_steps and step % cfg.save_steps == 0) or last:
-        save_checkpoint(run.out, run.model, run.opt, run.sched, run.state, cfg, run.par)
+        save_checkpoint(run.out, run.model, run.opt, run.sched, run.state, cfg, run.processes)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, processes: Processes | None = None) -> dict:
     """Run (or, with resume, continue from the latest checkpoint in cfg.output) the recipe,
-    holding cfg.output's lock. Returns {"step", "loss", "eval_loss", "eval_ppl", "output"}."""
+    holding cfg.output's lock. processes: one process unless given (chapter 11's command gives
+    FSDPProcesses). Returns {"step", "loss", "eval_loss", "eval_ppl", "output"}."""
     problems = config_problems(cfg)
     if problems:
         raise ValueError("; ".join(problems))
-    out, par = Path(cfg.output), processes()   # OneProcess, or chapter 11's under torchrun
-    with contextlib.ExitStack() as held:       # process 0 holds the lock, tidies the folder
-        par.rank0(lambda: (held.enter_context(run_lock(out)),
-                           prepare_output(out, resume, overwrite)))
-        return _train(setup_run(cfg, resume, force, par), progress)
+    out = Path(cfg.output)
+    processes = processes or Processes()
+    with contextlib.ExitStack() as held:
+
+        def claim_output():                    # process 0 holds the lock, tidies the folder
+            held.enter_context(run_lock(out))
+            prepare_output(out, resume, overwrite)
+
+        processes.rank0(claim_output)
+        return _train(setup_run(cfg, resume, force, processes), progress)
 
 
 def _train(run: Run, progress: bool) -> dict:
     cfg = run.cfg
     run.model.train()
     bar = tqdm(total=cfg.max_steps, initial=run.state["step"], desc="train",
-               disable=not progress or run.par.rank > 0)
+               disable=not progress or run.processes.rank > 0)
     while run.state["step"] < cfg.max_steps:
         rec = train_step(run)
         _evaluate_log_save(run, rec)
@@ -198,10 +209,13 @@ def _train(run: Run, progress: bool) -> dict:
         if rec["step"] % max(1, cfg.logging_steps) == 0 or rec["step"] == cfg.max_steps:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
     bar.close()
-    adapters = whole_adapters(run.model)        # every process: gathered when sharded
-    run.par.rank0(lambda: (
-        atomic_dir(run.out / "adapter", lambda tmp: write_adapter(run.model, adapters, tmp)),
-        plt.close(plot_loss(run.records, run.out / "loss.png"))))
+    adapters = adapter_tensors(run.model, run.processes)  # every process: gathered if sharded
+
+    def write_adapter_and_plot():
+        atomic_dir(run.out / "adapter", lambda tmp: save_adapter(run.model, tmp, adapters))
+        plt.close(plot_loss(run.records, run.out / "loss.png"))
+
+    run.processes.rank0(write_adapter_and_plot)
     final = run.records[-1] if run.records else {}
     return {"step": run.state["step"], "loss": final.get("loss"),
             "eval_loss": final.get("eval_loss"), "eval_ppl": final.get("eval_perplexity"),
@@ -253,7 +267,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> dict:
+def main(argv=None, processes: Processes | None = None) -> dict:
+    """The command: its arguments (argv, else sys.argv), on one process unless `processes`
+    (chapter 11's torchrun entry point passes its own)."""
     args = _parser().parse_args(argv)
     overrides = _parse_set(args.set)
     for key in ("model", "data", "output", "max_steps", "seed"):
@@ -268,7 +284,7 @@ def main(argv=None) -> dict:
         _fail(problems)
     try:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress,
-                        force=args.force, overwrite=args.overwrite)
+                        force=args.force, overwrite=args.overwrite, processes=processes)
     except (ValueError, OSError, OutputInUse) as e:  # OSError: files, a model not found
         _fail([e])
     except TrainingDiverged as e:

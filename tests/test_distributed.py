@@ -1,5 +1,6 @@
 """QLoRA on FSDP2 (chapter 11), with real processes: two gloo processes on this CPU follow one
-process step for step, in the demo and in the training command (`torchrun -m qlora_mini.train`),
+process step for step, in the demo and in the training command (`torchrun -m
+qlora_mini.distributed`: chapter 8's command with FSDPProcesses),
 which also resumes exactly after one of its processes is SIGKILLed; bad splits, meshes, models and
 numbers of processes are clear errors."""
 import json
@@ -40,13 +41,14 @@ def _torchrun(*args, **env) -> subprocess.CompletedProcess:
 def launched(tmp_path_factory):
     """Three torchrun launches of two processes (each pays ~20 s of CPU to start): the demo and
     then an uninterrupted run of the training command (tests/torchrun_two_runs.py); the command
-    (`-m qlora_mini.train`) with process 1 SIGKILLed when step 6 starts; the same with --resume."""
+    (`-m qlora_mini.distributed`) with process 1 SIGKILLed when step 6 starts; the same with
+    --resume."""
     root = tmp_path_factory.mktemp("fsdp")
     tiny = make_tiny_model(root / "tiny")
     done = {"first": _torchrun("tests/torchrun_two_runs.py", str(STEPS), str(root / "demo.pt"),
                                *train_args(tiny, root / "two", *CLI, *TWO))}
     assert done["first"].returncode == 0, done["first"].stderr[-3000:]
-    command = ("-m", "qlora_mini.train", *train_args(tiny, root / "resumed", *CLI, *TWO))
+    command = ("-m", "qlora_mini.distributed", *train_args(tiny, root / "resumed", *CLI, *TWO))
     done["killed"] = _torchrun(*command, QLORA_MINI_KILL_RANK="1:6")
     done["left"] = sorted(p.name for p in (root / "resumed").glob("checkpoint-*"))
     done["resumed"] = _torchrun(*command, "--resume")
@@ -82,7 +84,7 @@ def test_steps_give_the_same_adapters_as_one_process(runs):
 
 def test_a_batch_that_cannot_be_split_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(D, "init_distributed", lambda: (0, 2))   # as process 0 of 2
-    assert D.main(["--steps", "1", "--global-batch", "3", "--out", str(tmp_path / "x.pt")]) == 2
+    assert D.demo_main(["--steps", "1", "--global-batch", "3", "--out", str(tmp_path / "x.pt")]) == 2
     assert "global_batch=3 cannot be split evenly across 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
 
@@ -186,7 +188,8 @@ def test_resume_with_another_number_of_processes(cli, tmp_path, capsys):
 
 def test_a_process_without_a_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match="process 1 of this machine has no GPU of its own: the "
                                          "machine has 1, so run at most 1 processes a machine"):
         D.init_distributed()
@@ -197,13 +200,13 @@ def test_checkpoint_keeps_each_process_rng(tmp_path):
     stand-in for process 1 of 2 whose gather returns both processes' states."""
     from qlora_mini.checkpoint import _rng_state, load_checkpoint, save_checkpoint
     from qlora_mini.lora import prepare_qlora
-    from qlora_mini.recipe import OneProcess
+    from qlora_mini.recipe import Processes
     states = []
     for seed in (1, 2):                                  # process 0's state, process 1's
         torch.manual_seed(seed)
         states.append(_rng_state())
 
-    class Second(OneProcess):
+    class Second(Processes):
         rank, world = 1, 2
 
         def gather(self, obj):
@@ -217,7 +220,29 @@ def test_checkpoint_keeps_each_process_rng(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     folder = save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "microbatch": 2},
                              T.TrainConfig(output=str(tmp_path)), Second())
-    for par, want in ((Second(), states[1]), (OneProcess(), states[0])):
+    for processes, want in ((Second(), states[1]), (Processes(), states[0])):
         torch.manual_seed(3)
-        load_checkpoint(folder, model, opt, sched, par)
+        load_checkpoint(folder, model, opt, sched, processes)
         assert torch.equal(torch.get_rng_state(), want[0]["torch"])
+
+
+def test_only_process_0_prints_and_the_null_file_is_closed(monkeypatch, capsys):
+    """The command on process 1 of 2 (stand-ins for torchrun's group): chapter 8's command gets the
+    FSDPProcesses object, its standard output goes to /dev/null, and that file is closed and
+    sys.stdout restored when the command ends."""
+    seen = {}
+
+    def command(argv, processes):                 # stands in for chapter 8's main
+        seen.update(argv=argv, rank=processes.rank, world=processes.world, stdout=sys.stdout)
+        print("a line that process 1 must not print")
+        return {"step": 1}
+
+    monkeypatch.setattr(D, "init_distributed", lambda: (1, 2))
+    monkeypatch.setattr(D, "train_main", command)
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: seen.update(destroyed=True))
+    before = sys.stdout
+    assert D.main(["--max-steps", "1"]) == {"step": 1}
+    assert seen["argv"] == ["--max-steps", "1"] and (seen["rank"], seen["world"]) == (1, 2)
+    assert seen["stdout"] is not before and seen["stdout"].name == os.devnull
+    assert seen["stdout"].closed and sys.stdout is before and seen["destroyed"]
+    assert "must not print" not in capsys.readouterr().out

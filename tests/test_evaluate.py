@@ -135,3 +135,39 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         E.main(["--model", str(folder), "--mcq", str(tmp_path / "nowhere")])
     assert e.value.code == 2 and "no */test/*_test.csv files" in capsys.readouterr().err
+
+
+def test_adapter_is_evaluated_on_the_base_its_run_trained_on(tmp_path, capsys):
+    """A run on a non-default base of the shipped model (FP4 codes, no double quantization, the
+    fp32 dtype policy): `python -m qlora_mini.evaluate --adapter RUN/adapter` rebuilds that base
+    from RUN/config.yaml and evaluates the run's own held-out examples, so its held-out loss is the
+    run's last logged eval loss. The same adapter on the default base (NF4, double quantization:
+    what the command used to do) gives another loss, so the comparison can fail."""
+    import shutil
+    from qlora_mini import train as T
+    from qlora_mini.data import pad_token_id
+    from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
+    from qlora_mini.recipe import tokenized_splits
+    out = tmp_path / "run"
+    T.main(["--output", str(out), "--max-steps", "2", "--no-progress",
+            *[a for kv in ("quant_type=fp4", "double_quant=false", "dtype_policy=fp32",
+                           "compute_dtype=float32", "lora_r=4", "max_eval_samples=8",
+                           "target_max_len=32", "gradient_accumulation_steps=1", "eval_steps=0",
+                           "save_steps=0") for a in ("--set", kv)]])
+    capsys.readouterr()
+    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    result = E.main(["--adapter", str(out / "adapter")])
+    # Same codes, same adapter values (float32 on disk), same examples and batches, same process
+    # and threads: the two forward passes run the same float32 kernels on the same inputs, so they
+    # agree to the last bit here; 1e-6 relative leaves room for a summation order that another
+    # build of the same model might take, and is far below what a wrong base changes (below).
+    assert result["heldout"]["tokens"] == last["eval_tokens"]        # the same held-out examples
+    assert result["heldout"]["loss"] == pytest.approx(last["eval_loss"], rel=1e-6)
+    assert E.run_config(out / "checkpoint-2" / "adapter") == E.run_config(out / "adapter")
+    elsewhere = tmp_path / "elsewhere" / "adapter"            # no config.yaml beside it
+    shutil.copytree(out / "adapter", elsewhere)
+    cfg = E.run_config(out / "adapter")
+    tok = load_tokenizer(DEFAULT_MODEL)
+    held = tokenized_splits(cfg, tok)[1]
+    wrong = E.eval_loss(E.load_for_eval(DEFAULT_MODEL, elsewhere), held, pad_token_id(tok))
+    assert abs(wrong["loss"] - last["eval_loss"]) > 1e-3

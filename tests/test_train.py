@@ -150,16 +150,18 @@ def test_plain_lora_without_quantization(tiny, tmp_path):
 
 
 def test_checkpoint_adapter_files_are_save_adapters(tiny, tmp_path):
-    """checkpoint.write_adapter (whole tensors, so that a sharded model can be saved too) writes
-    the very bytes of lora.save_adapter (chapter 6's PEFT files)."""
-    from qlora_mini.checkpoint import whole_adapters, write_adapter
+    """The checkpoint's adapter (checkpoint.adapter_tensors: whole tensors, so that a sharded
+    model can be saved too, passed to lora.save_adapter) has the very bytes of save_adapter on the
+    model itself (chapter 6's PEFT files)."""
+    from qlora_mini.checkpoint import adapter_tensors
     from qlora_mini.lora import save_adapter
+    from qlora_mini.recipe import Processes
     model = T.build_model(T.load_config("default", {"model": str(tiny), "lora_r": 4}))
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_()                             # lora_B is zero at initialization
-    write_adapter(model, whole_adapters(model), tmp_path / "ours")
+    save_adapter(model, tmp_path / "ours", adapter_tensors(model, Processes()))
     save_adapter(model, tmp_path / "lora")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "lora" / name).read_bytes()

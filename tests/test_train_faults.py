@@ -90,7 +90,8 @@ def test_latin1_file_is_named(tiny, tmp_path, capsys):
 
 
 def test_missing_local_path_is_announced_as_a_hub_id(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1"), monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     err = _exit(_args(tiny, tmp_path / "o", "--data", str(tmp_path / "mydata")), capsys)
     assert "not found locally; treating it as a hub dataset id" in err
     assert "could not be loaded from the hub" in err and "Traceback" not in err
