@@ -264,12 +264,6 @@ def test_a_backend_that_checks_its_arguments_runs_unchecked_and_refusals_are_exp
         dequantize_4bit(packed, None)
 
 
-def test_old_names_are_gone():
-    """Chapters 5 and 6 moved to the new names; the near-anagram and the ambiguous check are gone."""
-    for old in ("quantize_absmax", "dequantize_absmax", "_check_blocksize"):
-        assert not hasattr(storage, old), old
-
-
 def test_state_on_another_device_is_refused():
     """A state whose tensors live elsewhere than the packed codes is an error, not wrong values
     (the meta device stands in for a second device on a CPU-only machine)."""
