@@ -3,6 +3,7 @@ names its check, a solution, and a registered check that fails a wrong answer; `
 removes the solutions and keeps the rest. Every check passes a right answer written here as a
 student would write it, fails a plausible wrong one on its values, and fails an answer that calls
 the package's own function instead of computing it. (nbval runs the book's own solutions.)"""
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -325,7 +326,8 @@ def tokenize(tokenizer, example, source_max_len, target_max_len, train_on_source
     source = ([tokenizer.bos_token_id] if bos else []) + encode(example["input"])
     source = source[:source_max_len]
     target = (encode(example["output"]) + [tokenizer.eos_token_id])[:target_max_len]
-    labels = source + target if train_on_source else [-100] * len(source) + target  # PyTorch's ignore
+    ignored = [-100] * len(source)                    # PyTorch's ignore_index
+    labels = source + target if train_on_source else ignored + target
     return {"input_ids": source + target, "labels": labels}
 
 
@@ -462,7 +464,7 @@ ANSWERS = {  # label -> (a right answer, a wrong one)
     "ex-01-4": (eq4_normal, lambda bits: eq4_normal(bits, midpoints=False)),
     "ex-02-1": (symmetric_nf4, lambda: symmetric_nf4(0.97)),               # a rounded offset
     "ex-02-2": (mse_ratio, lambda x, blocksize: mse_ratio(x, 64)),         # blocksize ignored
-    "ex-02-3": (ieee_e2m1, lambda: ieee_e2m1(subnormal_step=1.0)),         # subnormals as m, not m/2
+    "ex-02-3": (ieee_e2m1, lambda: ieee_e2m1(subnormal_step=1.0)),         # subnormals m, not m/2
     "ex-02-4": (fraction_non_normal, lambda rows, n_values: fraction_non_normal(rows, None)),
     "ex-03-1": (storage_bytes, lambda *a: storage_bytes(*a, offset_bytes=0)),  # no offset
     "ex-03-2": (lambda b2: 8 / 64 + 32 / (64 * b2),
@@ -503,7 +505,7 @@ ANSWERS = {  # label -> (a right answer, a wrong one)
     "ex-08-3": (accumulated_loss,                                           # one mean of all tokens
                 lambda token_losses, micro_batch: float(np.concatenate(token_losses).mean())),
     "ex-09-1": (elo_update, lambda ra, rb, s, k: elo_update(ra, rb, s, k, scale=200)),
-    "ex-09-2": (win_rate, lambda games: win_rate(games).T),                 # rows and columns swapped
+    "ex-09-2": (win_rate, lambda games: win_rate(games).T),                 # rows, columns swapped
     "ex-09-3": (spread, lambda games, k: spread(games, k, summary="max")),
     "ex-09-4": (bradley_terry, lambda games: bradley_terry(games, log=np.log)),
     "ex-10-1": (longest, lambda total_fn, limit: longest(total_fn, limit) + 1),  # first one over
@@ -546,6 +548,7 @@ def test_check_fails_a_wrong_answer(label, capsys):
     assert "calls the reference" not in str(failed.value)    # it failed on what it returned
 
 
+@functools.cache
 def package_answers() -> dict:
     """label -> the package's own function for that exercise (the grader's reference, or what the
     grader wraps), shaped as the answer. Left out: ex-01-1, ex-12-1 and ex-13-1, whose references
@@ -586,18 +589,23 @@ def package_answers() -> dict:
         "ex-11-1": lambda config, world: fsdp_memory(config, world)["4-bit weights (1/N)"],
         "ex-11-2": fsdp.prefetch_saving, "ex-11-3": fsdp.no_reshard,
         "ex-12-2": datatypes.normalized_mse, "ex-12-3": lambda: datatypes.minifloat_code(1, 2),
-        "ex-13-2": lambda config, r: accounted_bytes(config, "QLoRA NF4+DQ", r)["trainable weights"],
+        "ex-13-2": lambda config, r: accounted_bytes(config, "QLoRA NF4+DQ", r)[
+            "trainable weights"],
         "ex-13-3": lambda config: lora.equal_rank(config, 16),
     }
 
 
-PACKAGE_ANSWERS = package_answers()
+WITHOUT_PACKAGE_ANSWER = {"ex-01-1", "ex-03-4", "ex-05-2", "ex-07-3", "ex-12-1", "ex-13-1"}
 
 
-@pytest.mark.parametrize("label", sorted(PACKAGE_ANSWERS))
+def test_package_answers_cover_the_rest():
+    assert sorted(package_answers()) == sorted(set(CHECKS) - WITHOUT_PACKAGE_ANSWER)
+
+
+@pytest.mark.parametrize("label", sorted(set(CHECKS) - WITHOUT_PACKAGE_ANSWER))
 def test_calling_the_package_does_not_pass(label, capsys):
     """The package's function itself, and a student's function that only calls it, both fail."""
-    own = PACKAGE_ANSWERS[label]
+    own = package_answers()[label]
     for answer in (own, lambda *args: own(*args)):
         with pytest.raises(ExerciseFailed, match="the answer calls the reference"):
             check(label, answer, **options(label, seed=0, n=1))

@@ -126,10 +126,15 @@ def _student_calls(student_fn, args: tuple, reference: set, answer_codes: set):
 def _outside_grader(frame, top) -> bool:
     """Is any frame from `frame` down to (not including) `top` running code outside GRADER_DIR?"""
     while frame is not None and frame is not top:
-        if Path(frame.f_code.co_filename).parent != GRADER_DIR:
+        if not _in_grader(frame.f_code.co_filename):
             return True
         frame = frame.f_back
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _in_grader(filename: str) -> bool:
+    return Path(filename).resolve().parent == GRADER_DIR
 
 
 def _profiled(profile, fn, args: tuple):
