@@ -228,12 +228,6 @@ def test_dequantize_4bit_is_the_reference():
                                _by_hand(packed, state, dtype).view(view))
 
 
-def test_old_names_are_gone():
-    """Chapters 5 and 6 moved to the new names; the near-anagram and the ambiguous check are gone."""
-    for old in ("quantize_absmax", "dequantize_absmax", "_check_blocksize"):
-        assert not hasattr(storage, old), old
-
-
 def test_state_on_another_device_is_refused():
     """A state whose tensors live elsewhere than the packed codes is an error, not wrong values
     (the meta device stands in for a second device on a CPU-only machine)."""

@@ -3,7 +3,9 @@
 Every exercise in the book has a label, ``ex-CC-N`` (chapter CC, exercise N), a difficulty tag, a
 starter cell, and a check: a function that takes the student's function or value, compares it with
 a reference (on fresh random inputs where the answer is a function), prints ``ex-CC-N: pass`` or
-the first case that fails, and raises :class:`ExerciseFailed` (an ``AssertionError``) on a failure.
+the first case that fails, and raises :class:`ExerciseFailed` (an ``AssertionError``) on a failure;
+an answer that calls the reference (the grader's function, or the package's function of the same
+name) fails too.
 The same call therefore grades a notebook cell, a pytest test, an nbgrader autograded cell or an
 otter-grader test::
 
@@ -17,7 +19,7 @@ no chapter until a check runs (each chapter's checks import that chapter's code)
 """
 from __future__ import annotations
 
-from qlora_mini.exercises.grading import ExerciseFailed, close_arrays, compare
+from qlora_mini.exercises.grading import ExerciseFailed, close_arrays, compare, student_answer
 
 __all__ = ["ExerciseFailed", "check", "checks", "close_arrays", "compare", "labels"]
 
@@ -84,7 +86,8 @@ def check(label: str, answer, **options) -> None:
     found = checks()
     if label not in found:
         raise KeyError(f"no exercise {label!r}; known: {', '.join(sorted(found))}")
-    found[label](answer, **options)
+    with student_answer(answer):   # compare() fails an answer that calls the reference
+        found[label](answer, **options)
 
 
 def labels() -> list[str]:
