@@ -226,21 +226,29 @@ def test_percent_of_chatgpt_reproduces_the_paper():
     assert round(pct.at["guanaco-33b", "percent"], 1) == 97.8
 
 
-def test_checks_pass_the_reference_and_fail_a_wrong_answer(capsys):
-    check_elo_update(elo_update, seed=0)
+def test_checks_pass_an_independent_answer_and_fail_a_wrong_one(capsys):
+    """The checks pass answers written here and refuse the package's own functions."""
+    def update(ra, rb, score_a, k):
+        delta = k * (score_a - 1 / (1 + 10 ** ((rb - ra) / 400)))
+        return ra + delta, rb - delta
+
+    def widths(games, k):
+        r = elo_tournament(games, k=k, orderings=1_000, seed=0)
+        return r["p97.5"] - r["p2.5"]
+    check_elo_update(update, seed=0)
     with pytest.raises(ExerciseFailed, match="case 0"):
         check_elo_update(lambda ra, rb, s, k: (ra + k * s, rb - k * s), seed=0)
     assert "ex-09-1: FAIL" in capsys.readouterr().out
-    check_win_rate_matrix(win_rate_matrix, n=5, seed=0)
-    with pytest.raises(ExerciseFailed):
-        check_win_rate_matrix(lambda g: win_rate_matrix(g).T, n=5, seed=0)
     check_bradley_terry(mm_bradley_terry, n=3, seed=0)
-    with pytest.raises(ExerciseFailed):
-        check_bradley_terry(lambda g: bradley_terry(g) * 1.01, n=3, seed=0)
-    check_spread(lambda g, k: spread(g, k), n=2, seed=0)
+    with pytest.raises(ExerciseFailed, match="expected"):
+        check_bradley_terry(lambda g: mm_bradley_terry(g) * 1.01, n=3, seed=0)
+    check_spread(lambda g, k: float(widths(g, k).mean()), n=2, seed=0)
     with pytest.raises(ExerciseFailed):   # the width of one model, not the mean over models
-        check_spread(lambda g, k: float((lambda r: (r["p97.5"] - r["p2.5"]).iloc[0])(
-            elo_tournament(g, k=k, orderings=1_000, seed=0))), n=2, seed=0)
+        check_spread(lambda g, k: float(widths(g, k).iloc[0]), n=2, seed=0)
+    for check_fn, own in ((check_elo_update, elo_update), (check_win_rate_matrix, win_rate_matrix),
+                          (check_bradley_terry, bradley_terry), (check_spread, spread)):
+        with pytest.raises(ExerciseFailed, match="calls the reference"):
+            check_fn(own, n=1, seed=0)
 
 
 def test_generation_command_writes_the_reference_layout(tmp_path):

@@ -142,7 +142,7 @@ def test_top_level_names_load_lazily_and_are_the_modules_own():
     chapter module defines."""
     code = ("import sys, importlib, qlora_mini as q\n"
             "assert 'pandas' not in sys.modules and 'qlora_mini.studies.elo' not in sys.modules\n"
-            "assert 'qlora_mini.kernels' not in sys.modules, 'imported for its side effect'\n"
+            "assert not [m for m in sys.modules if m.startswith('qlora_mini.')], 'imported for a side effect'\n"
             "public = {n: importlib.import_module(f'qlora_mini.{m}') for m, ns in q._EXPORTS.items()"
             " for n in ns}\n"
             "assert sorted(q.__all__) == sorted(public)\n"
@@ -153,3 +153,11 @@ def test_top_level_names_load_lazily_and_are_the_modules_own():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         import qlora_mini
         qlora_mini.nope
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_tuple_expression_statements(module):
+    """`a(), b()` on one line hides two statements in a tuple nobody uses: write two lines."""
+    for node in ast.walk(ast.parse(path_of(module).read_text())):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Tuple):
+            pytest.fail(f"{module}.py:{node.lineno}: a tuple expression used as statements")
