@@ -28,27 +28,39 @@ class TrainConfig:
     output: str = "runs/guanaco"       # the run's folder: log, checkpoints, adapter
     dataset_format: str = "auto"       # one of data.FORMATS
     eval_fraction: float = 0.1         # held out from a local file without an eval split
-    max_eval_samples: typing.Optional[int] = 1000   # null: all held-out examples
-    source_max_len: int = 16; target_max_len: int = 512             # tokens, each cut to these
+    max_eval_samples: typing.Optional[int] = 1000  # null: all held-out examples
+    source_max_len: int = 16           # tokens: the prompt is cut to this
+    target_max_len: int = 512          # tokens: the reply is cut to this
     allow_long_sequences: bool = False  # True: source + target may exceed the model's positions
     train_on_source: bool = False      # False: loss on the targets only (prompt labels -100)
     group_by_length: bool = True       # batches of similar lengths (less padding)
     quantize: bool = True              # False: plain LoRA on a 16/32-bit base
-    quant_type: str = "nf4"; double_quant: bool = True              # storage.QUANT_TYPES
+    quant_type: str = "nf4"            # one of storage.QUANT_TYPES
+    double_quant: bool = True          # 8-bit absmax (chapter 3)
     compute_dtype: str = "auto"        # auto: bfloat16 where native, else float32 (utils)
     dtype_policy: str = "reference"    # policy.DTYPE_POLICIES: reference (qlora.py --bf16) | fp32
-    lora_r: int = 64; lora_alpha: float = 16.0; lora_dropout: float = 0.05
-    target_modules: typing.Union[str, list] = "all-linear"          # or a list of layer names
-    optim: str = "paged_adamw_32bit"; learning_rate: float = 2e-4   # one of OPTIMIZERS
-    adam_beta1: float = 0.9; adam_beta2: float = 0.999; adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0; max_grad_norm: float = 0.3            # 0: no clipping
-    lr_scheduler_type: str = "constant"; warmup_ratio: float = 0.03  # one of LR_SCHEDULERS
-    per_device_train_batch_size: int = 1; gradient_accumulation_steps: int = 16
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: typing.Union[str, list] = "all-linear"  # or a list of layer names
+    optim: str = "paged_adamw_32bit"   # one of OPTIMIZERS
+    learning_rate: float = 2e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3         # 0: no clipping
+    lr_scheduler_type: str = "constant"  # one of LR_SCHEDULERS
+    warmup_ratio: float = 0.03         # of max_steps: the learning rate's warm-up
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
     max_steps: int = 1875              # optimizer steps
     gradient_checkpointing: bool = True
     seed: int = 42
-    logging_steps: int = 10; save_steps: int = 250; eval_steps: int = 0  # eval 0: at the end
-    save_total_limit: typing.Optional[int] = None   # checkpoints kept; null: all
+    logging_steps: int = 10
+    save_steps: int = 250
+    eval_steps: int = 0                # 0: evaluate at the end only
+    save_total_limit: typing.Optional[int] = None  # checkpoints kept; null: all
 
 
 def presets() -> list[str]:

@@ -161,3 +161,15 @@ def test_no_tuple_expression_statements(module):
     for node in ast.walk(ast.parse(path_of(module).read_text())):
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Tuple):
             pytest.fail(f"{module}.py:{node.lineno}: a tuple expression used as statements")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_one_statement_a_line(module):
+    """`a = 1; b = 2` packs lines to fit a limit: one statement a line."""
+    for node in ast.walk(ast.parse(path_of(module).read_text())):
+        for field in ("body", "orelse", "finalbody"):
+            stmts = getattr(node, field, None)
+            lines = [s.lineno for s in stmts if isinstance(s, ast.stmt)] \
+                if isinstance(stmts, list) else []
+            packed = sorted({n for n in lines if lines.count(n) > 1})
+            assert not packed, f"{module}.py:{packed[0]}: several statements on one line"
