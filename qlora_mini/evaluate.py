@@ -9,14 +9,16 @@ import math
 from pathlib import Path
 import random
 import sys
+import tempfile
 
 import torch
 
 from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import (DEFAULT_DATA, IGNORE_INDEX, bos_ids, collate, guanaco_prompt,
                              load_splits, pad_token_id, stdlib_qa, tokenize_example)
+from qlora_mini.load4bit import checkpoint_dir
 from qlora_mini.lora import load_adapter, read_adapter
-from qlora_mini.model import DEFAULT_MODEL, load_model, load_tokenizer
+from qlora_mini.model import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from qlora_mini.recipe import build_model, tokenized_splits
 from qlora_mini.utils import default_device
 
@@ -194,31 +196,43 @@ def _held_out(args, cfg: TrainConfig | None, tokenizer) -> list[dict]:
     return [tokenize_example(tokenizer, r) for r in load_splits(args.data or DEFAULT_DATA)[1]]
 
 
+def model_folder(name: str) -> Path:
+    """The local folder of a model name (DEFAULT_MODEL, a checkpoint folder or a hub id), or a
+    one-line error naming it: no such folder, no config.json, or an id offline and uncached."""
+    return checkpoint_dir(resolve(name))
+
+
+def _checked_args(args):
+    """(run config or None, model name): every argument checked before a model is loaded."""
+    if args.k < 1:
+        raise ValueError(f"--k: at least 1 shot, got {args.k}")
+    if args.adapter is not None:
+        read_adapter(args.adapter)  # missing, truncated, non-finite: one line, exit 2
+    cfg = None if args.adapter is None else run_config(args.adapter)
+    model_name = args.model or (cfg.model if cfg else DEFAULT_MODEL)
+    model_folder(model_name)
+    if args.mcq and args.mcq != "stdlib":
+        read_mcq_dir(args.mcq)
+    return (None if cfg is None else replace(cfg, model=model_name)), model_name
+
+
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
-    try:
-        if args.adapter is not None:
-            read_adapter(args.adapter)  # missing, truncated, non-finite: one line, exit 2
-        cfg = None if args.adapter is None else run_config(args.adapter)
-        model_name = args.model or (cfg.model if cfg else DEFAULT_MODEL)
-        if cfg is not None:
-            cfg = replace(cfg, model=model_name)
-        tokenizer = load_tokenizer(model_name)
-        held = _held_out(args, cfg, tokenizer)
-        if args.mcq == "stdlib":
-            import tempfile
-            args.mcq = make_stdlib_mcq(Path(tempfile.mkdtemp()) / "mcq")
-        elif args.mcq:
-            read_mcq_dir(args.mcq)  # fail before loading the model
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    model = load_for_eval(model_name, args.adapter)
-    pad_id = pad_token_id(tokenizer)
-    result = {"heldout": eval_loss(model, held, pad_id)}
-    if args.mcq:
-        result["mcq"] = mcq_accuracy(model, tokenizer, args.mcq, k=args.k)
-    result["answers"] = {q: generate(model, tokenizer, q) for q in args.ask}
+    with tempfile.TemporaryDirectory() as tmp:    # --mcq stdlib's test, removed in all cases
+        try:
+            cfg, model_name = _checked_args(args)
+            tokenizer = load_tokenizer(model_name)
+            held = _held_out(args, cfg, tokenizer)
+            if args.mcq == "stdlib":
+                args.mcq = make_stdlib_mcq(Path(tmp) / "mcq")
+        except (ValueError, OSError) as e:          # OSError: FileNotFoundError, offline hub
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        model = load_for_eval(model_name, args.adapter)
+        result = {"heldout": eval_loss(model, held, pad_token_id(tokenizer))}
+        if args.mcq:
+            result["mcq"] = mcq_accuracy(model, tokenizer, args.mcq, k=args.k)
+        result["answers"] = {q: generate(model, tokenizer, q) for q in args.ask}
     print(json.dumps(result, indent=1))
     return result
 

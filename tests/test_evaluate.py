@@ -171,3 +171,32 @@ def test_adapter_is_evaluated_on_the_base_its_run_trained_on(tmp_path, capsys):
     held = tokenized_splits(cfg, tok)[1]
     wrong = E.eval_loss(E.load_for_eval(DEFAULT_MODEL, elsewhere), held, pad_token_id(tok))
     assert abs(wrong["loss"] - last["eval_loss"]) > 1e-3
+
+
+def _evaluate(*args, env=None):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "qlora_mini.evaluate", *args], text=True,
+                          capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("args, says", [
+    (["--model", "/nonexistent"], "/nonexistent: no such folder"),
+    (["--model", "nobody/nothing-here-9"], "nobody/nothing-here-9: not a local folder"),
+    (["--k", "0"], "--k: at least 1"),
+    (["--adapter", "/nonexistent/adapter"], "/nonexistent/adapter")])
+def test_bad_arguments_give_one_line_and_status_2(args, says):
+    run = _evaluate(*args, env={"HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: ") and says in run.stderr
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("extra", [[], ["--data", "/nonexistent/data.jsonl"]])
+def test_the_stdlib_test_leaves_no_temporary_folder(tmp_path, extra):
+    """--mcq stdlib builds its test in a temporary folder, gone after a run and after a failure."""
+    run = _evaluate("--mcq", "stdlib", "--k", "1", *extra, env={"TMPDIR": str(tmp_path)})
+    assert run.returncode == (2 if extra else 0), run.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")]
