@@ -265,3 +265,39 @@ def test_generation_command_writes_the_reference_layout(tmp_path):
     assert not list(tmp_path.glob("*.part"))
     with pytest.raises(SystemExit):
         main(["--limit", "0"])
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("args, says", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--model", "/nonexistent"], "/nonexistent: no such folder"),
+    (["--adapter", "/nonexistent"], "/nonexistent"),
+    (["--output", "/proc/nope/gen.jsonl"], "cannot create its folder")])
+def test_generation_command_refuses_bad_arguments_in_one_line(args, says):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "qlora_mini.studies.elo_generate", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip() == run.stderr.strip().splitlines()[-1]
+    assert run.stderr.startswith("error: ") and says in run.stderr
+
+
+def test_generation_keeps_the_finished_answers_when_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C during the third answer: the file holds the first two, whole; status 130."""
+    from qlora_mini.studies import elo_generate
+    calls = []
+
+    def answer(model, tokenizer, text, max_new_tokens):
+        calls.append(text)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return f"answer {len(calls)}"
+
+    monkeypatch.setattr(elo_generate, "generate", answer)
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(SystemExit) as stop:
+        elo_generate.main(["--output", str(out), "--max-new-tokens", "2"])
+    assert stop.value.code == 130
+    assert [json.loads(l)["generation"] for l in out.read_text().splitlines()] == \
+        ["answer 1", "answer 2"]

@@ -5,6 +5,7 @@ prompts, one JSON line per prompt in the reference repository's layout, for a
 judge to compare (chapter 9)."""
 import argparse
 import json
+import os
 from pathlib import Path
 import sys
 
@@ -24,20 +25,39 @@ def generation_record(question: dict, answer: str) -> dict:
 def write_generations(model, tokenizer, path, limit: int | None = None,
                       max_new_tokens: int = 512) -> Path:
     """Answer the first `limit` Vicuna prompts (all 80 by default) greedily and
-    write them to `path` as JSONL (written whole, then renamed: an interrupted
-    run leaves no partial file)."""
+    write them to `path` as JSONL, rewritten (atomically) after every answer: an
+    interrupted run keeps the answers it finished, never half a line."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [generation_record(q, generate(model, tokenizer, q["text"],
-                                             max_new_tokens))
-               for q in load_questions()[:limit]]
-    tmp = path.with_name(path.name + ".part")
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    lines = []
+    for q in load_questions()[:limit]:
+        answer = generate(model, tokenizer, q["text"], max_new_tokens)
+        lines.append(json.dumps(generation_record(q, answer)) + "\n")
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text("".join(lines), encoding="utf-8")
+        tmp.replace(path)
     return path
+
+
+def _checked_args(args) -> None:
+    """Every argument checked before a model loads: one line and status 2."""
+    from qlora_mini.evaluate import model_folder
+    from qlora_mini.lora import read_adapter
+    for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    model_folder(args.model)
+    if args.adapter is not None:
+        read_adapter(args.adapter)
+    folder = Path(args.output).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{args.output}: cannot create its folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{args.output}: cannot write in {folder}")
 
 
 def main(argv=None) -> Path:
@@ -45,21 +65,23 @@ def main(argv=None) -> Path:
     from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.studies.elo_generate",
                                  description=__doc__)
-    ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help="hub id or local folder")
-    ap.add_argument("--adapter",
-                    help="a PEFT adapter folder (a train run's RUN/adapter)")
-    ap.add_argument("--output",
-                    default="qlora-mini-vicuna-generations-greedy.jsonl")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")
+    ap.add_argument("--adapter", help="a PEFT adapter folder (a train run's RUN/adapter)")
+    ap.add_argument("--output", default="qlora-mini-vicuna-generations-greedy.jsonl")
     ap.add_argument("--limit", type=int, help="answer only the first N prompts")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     args = ap.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        sys.exit(f"error: --limit must be >= 1, got {args.limit}")
-    tokenizer = load_tokenizer(args.model)
-    model = load_for_eval(args.model, args.adapter)
-    path = write_generations(model, tokenizer, args.output, args.limit,
-                             args.max_new_tokens)
+    try:
+        _checked_args(args)
+        model = load_for_eval(args.model, args.adapter)
+        path = write_generations(model, load_tokenizer(args.model), args.output,
+                                 args.limit, args.max_new_tokens)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: the answers finished are kept in {args.output}", file=sys.stderr)
+        sys.exit(130)
     print(f"wrote {len(path.read_text().splitlines())} answers to {path}")
     return path
 
