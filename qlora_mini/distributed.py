@@ -3,6 +3,7 @@
 """QLoRA on PyTorch FSDP2 (chapter 11): shard a prepared model across processes."""
 import contextlib
 import os
+from pathlib import Path
 import sys
 
 import torch
@@ -144,6 +145,12 @@ def demo_main(argv=None) -> int:
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--out", required=True, help="where process 0 saves the result (torch.save)")
     args = ap.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--global-batch", args.global_batch)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    out = Path(args.out).resolve()
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        ap.error(f"--out {args.out}: its folder does not exist or cannot be written")
     try:
         result = demo_run(args.steps, args.global_batch)
     except ValueError as e:

@@ -246,3 +246,20 @@ def test_only_process_0_prints_and_the_null_file_is_closed(monkeypatch, capsys):
     assert seen["stdout"] is not before and seen["stdout"].name == os.devnull
     assert seen["stdout"].closed and sys.stdout is before and seen["destroyed"]
     assert "must not print" not in capsys.readouterr().out
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("args, says", [(["--steps", "-1"], "--steps must be >= 1"),
+                                        (["--global-batch", "0"], "--global-batch must be >= 1"),
+                                        (["--out", "NODIR/r.pt"], "its folder does not exist")])
+def test_demo_refuses_nonsense_before_it_runs(tmp_path, args, says):
+    """Issue 29: `--steps -1` used to exit 0 with an empty result, and a missing --out folder to
+    fail only after the whole run."""
+    import subprocess
+    import sys
+    args = [a.replace("NODIR", str(tmp_path / "nodir")) for a in args]
+    out = ["--out", str(tmp_path / "r.pt")] if "--out" not in args else []
+    run = subprocess.run([sys.executable, "-m", "qlora_mini.distributed", "demo", *args, *out],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and says in run.stderr
+    assert not (tmp_path / "r.pt").exists()
