@@ -647,3 +647,22 @@ def test_calls_are_watched_where_the_student_catches_exceptions():
             return x * x
     with pytest.raises(ExerciseFailed, match="calls the reference"):
         compare("ex-00-1", sly, square, [(2.0,)], lambda got, want: got == want)
+
+
+def test_a_hanging_answer_fails_at_its_time_limit(capsys):
+    """A loop that never ends (and swallows exceptions) fails the check after time_limit seconds
+    instead of hanging the grader; within the limit, the same grader passes a right answer."""
+    import time
+
+    def hang(*args):
+        while True:
+            try:
+                time.sleep(0.01)
+            except Exception:      # the limit is no Exception: the answer cannot swallow it
+                pass
+
+    start = time.time()
+    with pytest.raises(ExerciseFailed, match="took longer than 0.5 s"):
+        check("ex-09-1", hang, time_limit=0.5)
+    assert time.time() - start < 10
+    assert "ex-09-1: FAIL" in capsys.readouterr().out

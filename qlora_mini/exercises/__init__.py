@@ -19,7 +19,7 @@ no chapter until a check runs (each chapter's checks import that chapter's code)
 """
 from __future__ import annotations
 
-from qlora_mini.exercises.grading import ExerciseFailed, close_arrays, compare, student_answer
+from qlora_mini.exercises.grading import TIME_LIMIT, ExerciseFailed, close_arrays, compare, student_answer
 
 __all__ = ["ExerciseFailed", "check", "checks", "close_arrays", "compare", "labels"]
 
@@ -81,12 +81,13 @@ def checks() -> dict:
     }
 
 
-def check(label: str, answer, **options) -> None:
-    """Run exercise `label`'s check on the student's answer (a function or a value)."""
+def check(label: str, answer, time_limit: float | None = TIME_LIMIT, **options) -> None:
+    """Run exercise `label`'s check on the student's answer (a function or a value). A function
+    that takes longer than `time_limit` seconds on a case (None: no limit) fails the check."""
     found = checks()
     if label not in found:
         raise KeyError(f"no exercise {label!r}; known: {', '.join(sorted(found))}")
-    with student_answer(answer):   # compare() fails an answer that calls the reference
+    with student_answer(answer, time_limit):   # compare() fails an answer calling the reference
         found[label](answer, **options)
 
 

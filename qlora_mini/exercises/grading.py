@@ -12,16 +12,46 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 import functools
 from pathlib import Path
+import signal
 import sys
+import threading
 
 import numpy as np
 
 GRADER_DIR = Path(__file__).resolve().parent    # frames of code in here are the grader's
 _answer = ContextVar("answer", default=None)    # what the student handed to check()
+TIME_LIMIT = 10.0                               # seconds a student's function may take per case
+_time_limit = ContextVar("time_limit", default=TIME_LIMIT)
 
 
 class ExerciseFailed(AssertionError):
     """A student's answer differs from the reference; the message names the first failing case."""
+
+
+class _TimedOut(BaseException):
+    """Raised in a student's function at its time limit: a BaseException, so that the answer's
+    own `except Exception` cannot swallow it."""
+
+
+@contextmanager
+def time_limit(seconds: float | None):
+    """Stop the code inside after `seconds` (None: no limit) with _TimedOut, by SIGALRM. Only
+    the main thread can take signals (a notebook's cells, pytest, nbgrader all run there);
+    elsewhere, or where SIGALRM does not exist, there is no limit."""
+    if seconds is None or threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _TimedOut
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _fail(label: str, message: str):
@@ -30,14 +60,16 @@ def _fail(label: str, message: str):
 
 
 @contextmanager
-def student_answer(answer):
-    """While a check runs: the student's answer as check() received it. A check may wrap it (to
-    sort its levels, say); compare() then still knows which function is the student's."""
-    token = _answer.set(answer)
+def student_answer(answer, seconds: float | None = TIME_LIMIT):
+    """While a check runs: the student's answer as check() received it, and the time its
+    function may take per case. A check may wrap the answer (to sort its levels, say); compare()
+    then still knows which function is the student's."""
+    token, limit = _answer.set(answer), _time_limit.set(seconds)
     try:
         yield
     finally:
         _answer.reset(token)
+        _time_limit.reset(limit)
 
 
 def compare(label: str, student_fn, reference_fn, cases, close) -> None:
@@ -50,7 +82,12 @@ def compare(label: str, student_fn, reference_fn, cases, close) -> None:
     for i, args in enumerate(cases):
         want, wrapped = _reference_calls(reference_fn, args)
         reference |= wrapped
-        got, error, reached = _student_calls(student_fn, args, reference, answer_codes)
+        try:
+            with time_limit(_time_limit.get()):
+                got, error, reached = _student_calls(student_fn, args, reference, answer_codes)
+        except _TimedOut:
+            _fail(label, f"case {i}: {_short(args)}\n  took longer than {_time_limit.get()} s "
+                         "(a loop that never ends? check(..., time_limit=...) allows more)")
         if reached is not None:
             _fail(label, f"case {i}: {_short(args)}\n  the answer calls the reference "
                          f"{_describe(reached)}: write it yourself")
