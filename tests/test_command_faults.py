@@ -37,10 +37,10 @@ def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def _python(code: str, *args, env=None, **kw) -> subprocess.CompletedProcess:
+def _python(code: str, *args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600, **kw)
+                          timeout=600)
 
 
 def _one_error_line(stderr: str, *words) -> str:
@@ -222,7 +222,8 @@ def test_paged_notice_once_under_torchrun(tmp_path):
     script = tmp_path / "optimizer.py"
     script.write_text(TORCHRUN_OPTIMIZER)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", str(script)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+                           "--nproc_per_node", "2", str(script)], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(NOTICE) == 1, done.stderr
