@@ -9,13 +9,19 @@ dequantization benchmark (bench/dequant.py), takes an 80-layer LLaMA-65B-shaped 
 a 48 GiB cap and records the allocator's peaks and the step time, makes the paged optimizer really
 page by filling the device, and compares tokens per second and peak memory with transformers +
 bitsandbytes + PEFT on the same model. It writes one JSON file under bench/results/, labelled with
-the device, the driver and the versions.
+the device, the driver and the versions, rewritten (atomically) after every step: a lab that
+crashes keeps the steps it finished, and `pending` names the ones it did not reach.
 
-Without CUDA it refuses in one line on stderr with exit status 2 and runs nothing. It needs this
+Bad arguments, and an --out it could not write, are refused before anything runs: one `error:`
+line on stderr, exit status 2. Without CUDA it refuses in one line on stderr with exit status 2
+and runs nothing. It needs this
 source checkout (it runs tests/ and bench/ from it), so it lives here, not in the package.
 """
 import argparse
+import contextlib
 import json
+import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,8 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [step for step in steps if step not in STEPS]
     if unknown or not steps:
         parser.error(f"--steps: unknown {unknown or 'empty list'}; choose from {', '.join(STEPS)}")
-    if args.cap_gib <= 0 or args.layers < 1 or args.tokens < 2:
-        parser.error("--cap-gib must be > 0, --layers >= 1, --tokens >= 2")
+    if not (math.isfinite(args.cap_gib) and args.cap_gib > 0):
+        parser.error(f"--cap-gib {args.cap_gib}: must be a finite number of GiB > 0")
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: must be >= 1")
+    if args.tokens < 2:                                     # a next-token loss needs two tokens
+        parser.error(f"--tokens {args.tokens}: must be >= 2")
     args.steps = [step for step in STEPS if step in steps]          # always in the lab's order
     return args
 
@@ -81,6 +91,38 @@ def driver_version() -> str:
         return "unknown"
 
 
+def out_problem(out: Path) -> str | None:
+    """Why the lab could not write its JSON file at out (None: it can), found before any step
+    runs: the folder must exist and take a new file (the writes go through a temporary file
+    there), and out must be a regular file if it exists (never /dev/null or a folder)."""
+    if not out.parent.is_dir():
+        return f"--out {out}: the folder {out.parent} does not exist"
+    if out.exists() and not out.is_file():
+        return f"--out {out}: exists and is not a regular file"
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        return f"--out {out}: cannot create a file in {out.parent} ({e.strerror or e})"
+    return None
+
+
+def write_json(out: Path, result: dict) -> None:
+    """result to out atomically: a temporary file in the same folder, then os.replace, so that a
+    crash while writing leaves the previous version whole and no temporary file behind."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.",
+                                         suffix=".tmp", delete=False) as f:
+            temporary = f.name
+            json.dump(result, f, indent=1)
+        os.replace(temporary, out)
+    except BaseException:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def run_step(name: str, step_fn, *args) -> dict:
     """step_fn(*args)'s measurements with its status and seconds; a failure is recorded (the lab
     goes on), and with CUDA the device memory in use outside PyTorch's caching allocator."""
@@ -106,6 +148,8 @@ def check_result(result: dict) -> list[str]:
             problems.append(f"unknown step {name!r}")
         elif step.get("status") not in STATUSES or not isinstance(step.get("seconds"), (int, float)):
             problems.append(f"step {name!r}: needs status in {STATUSES} and seconds")
+    problems += [f"unknown pending step {name!r}" for name in result.get("pending", [])
+                 if name not in STEPS]
     return problems
 
 
@@ -255,27 +299,53 @@ STEP_FUNCTIONS = dict(kernels=step_kernels, gpu_tests=step_gpu_tests,
 SHARING_A_MODEL = ("step65b", "paging", "vs_bnb")   # steps handed the dict that keeps the model
 
 
-def main(argv=None) -> int:
-    """Refuse without CUDA (exit status 2, one line on stderr); run the chosen steps in order,
-    write the JSON; exit 0 when every step that ran is fine, 1 otherwise."""
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(NO_CUDA, file=sys.stderr)
-        return 2
+def run_lab(args, result: dict, out: Path) -> int:
+    """Run the chosen steps in order into result["steps"], rewriting out after each one (what is
+    still to run is in result["pending"], absent once all ran); 0 when every step that ran is
+    fine, 1 otherwise."""
     keep = {}
-    result = dict(what="qlora_mini GPU lab (python bench/lab.py)", **environment(),
-                  args={k: v for k, v in vars(args).items() if k != "out"}, steps={})
+    result["pending"] = list(args.steps)
+    write_json(out, result)
     for name in args.steps:
         extra = (keep,) if name in SHARING_A_MODEL else ()
         step = run_step(name, STEP_FUNCTIONS[name], args, *extra)
         result["steps"][name] = step
+        result["pending"].remove(name)
+        if not result["pending"]:
+            del result["pending"]
+        write_json(out, result)
         print(f"{name}: {step['status']} ({step['seconds']} s)", flush=True)
-    gpu = result["device"]["name"].lower().replace(" ", "-")
-    out = args.out or ROOT / "bench" / "results" / f"lab_{gpu}_{result['date'][:10]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0 if all(step["status"] != "failed" for step in result["steps"].values()) else 1
+
+
+def main(argv=None) -> int:
+    """Refuse an --out it could not write, then refuse without CUDA (exit status 2, one line on
+    stderr each); run the chosen steps in order, writing the JSON after each (run_lab)."""
+    args = parse_args(argv)
+    problem = out_problem(args.out) if args.out is not None else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print(NO_CUDA, file=sys.stderr)
+        return 2
+    result = dict(what="qlora_mini GPU lab (python bench/lab.py)", **environment(),
+                  args={k: v for k, v in vars(args).items() if k != "out"}, steps={})
+    gpu = result["device"]["name"].lower().replace(" ", "-").replace("/", "-")
+    out = args.out or ROOT / "bench" / "results" / f"lab_{gpu}_{result['date'][:10]}.json"
+    if args.out is None:                        # the default file, once the GPU's name is known
+        with contextlib.suppress(OSError):      # out_problem says why, if it could not
+            out.parent.mkdir(parents=True, exist_ok=True)
+        problem = out_problem(out)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    try:
+        return run_lab(args, result, out)
+    except KeyboardInterrupt:
+        print(f"interrupted: the steps that finished are in {out}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

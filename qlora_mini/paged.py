@@ -92,16 +92,33 @@ def chunks(params, max_numel: int | None = None):
         yield chunk
 
 
+_told_not_paged = False  # the CPU notice below: once a process
+
+
+def notice_not_paged() -> None:
+    """Say once a process, and under torchrun only on process 0, that the states cannot page here:
+    every optimizer built after the first would repeat the same words."""
+    global _told_not_paged
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if _told_not_paged or (distributed and torch.distributed.get_rank() > 0):
+        return
+    _told_not_paged = True
+    warnings.warn("PagedAdamW: parameters are not on a CUDA device, so the optimizer states are "
+                  "ordinary tensors (no unified memory, no paging); the update is AdamW's all the "
+                  "same.", UserWarning, stacklevel=3)
+
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with 32-bit states in CUDA unified memory (bitsandbytes' PagedAdamW32bit, from scratch).
 
     On CUDA the states `exp_avg`/`exp_avg_sq` are allocated with cudaMallocManaged through
     qlora_mini/csrc and prefetched to the GPU before each update; under memory pressure the driver
     evicts them to CPU RAM instead of raising out-of-memory. Elsewhere they are ordinary tensors
-    (one warning says so) and the update is the same. The update is multi-tensor
-    (adamw_update_foreach, CHUNK_NUMEL elements at a time), bit for bit torch.optim.AdamW's
-    single-tensor update. The state_dict is torch.optim.AdamW's. `max_paged_bytes` caps the managed
-    memory of the states (MemoryError beyond); `paged_bytes` is what they hold now.
+    (notice_not_paged says so, once a process) and the update is the same. The update is
+    multi-tensor (adamw_update_foreach, CHUNK_NUMEL elements at a time), bit for bit
+    torch.optim.AdamW's single-tensor update. The state_dict is torch.optim.AdamW's.
+    `max_paged_bytes` caps the managed memory of the states (MemoryError beyond); `paged_bytes` is
+    what they hold now.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
@@ -115,9 +132,7 @@ class PagedAdamW(torch.optim.Optimizer):
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self.unified = paged and devices == {"cuda"} and torch.cuda.is_available()
         if paged and not self.unified:
-            warnings.warn("PagedAdamW: parameters are not on a CUDA device, so the optimizer "
-                          "states are ordinary tensors (no unified memory, no paging); the "
-                          "update is AdamW's all the same.", UserWarning, stacklevel=2)
+            notice_not_paged()
 
     def _zeros(self, p: torch.Tensor) -> torch.Tensor:
         """A float32 state buffer like p: managed memory on CUDA, counted in paged_bytes."""

@@ -2,6 +2,7 @@
 result schema, the runner catching a failing step; and the package's random QLoRA models
 (qlora_mini.random_qlora) that the lab and bench/layer65b.py build on."""
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,10 +55,51 @@ def test_arguments(lab):
     assert args.tokens == 512 and args.out is None
     assert lab.parse_args(["--steps", "paging,kernels"]).steps == ["kernels", "paging"]  # lab order
     for bad in (["--steps", "kernels,nope"], ["--steps", ","], ["--cap-gib", "0"], ["--layers", "0"],
-                ["--tokens", "1"]):
+                ["--tokens", "1"], ["--cap-gib", "nan"], ["--cap-gib", "inf"], ["--cap-gib=-1"],
+                ["--layers=-3"], ["--tokens=-1"]):
         with pytest.raises(SystemExit) as e:
             lab.parse_args(bad)
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("make_out", [lambda tmp: tmp / "missing" / "lab.json", lambda tmp: tmp,
+                                      lambda tmp: Path("/proc/lab.json"),
+                                      lambda tmp: Path("/dev/null")])
+def test_an_unwritable_out_is_refused_before_cuda_is_asked(lab, tmp_path, capsys, make_out):
+    """The --out check comes first: on this CPU machine it is what refuses, not the CUDA check."""
+    out = make_out(tmp_path)
+    assert lab.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out}:")
+    assert lab.out_problem(tmp_path / "lab.json") is None and list(tmp_path.iterdir()) == []
+
+
+def test_main_writes_the_file_after_every_step(lab, tmp_path, monkeypatch, capsys):
+    """With a (pretend) GPU, each step finds the earlier steps already on disk."""
+    out = tmp_path / "lab.json"
+    seen = []
+
+    def look(args):
+        seen.append(json.loads(out.read_text()))
+        return {}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (0, 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(lab, "environment", lambda: dict(date="2026-01-01", versions={},
+                                                         device=dict(name="Pretend GPU")))
+    monkeypatch.setattr(lab, "STEP_FUNCTIONS", dict(kernels=look, gpu_tests=look,
+                                                    dequant_bench=look))
+    assert lab.main(["--steps", "kernels,gpu_tests,dequant_bench", "--out", str(out)]) == 0
+    assert [list(r["steps"]) for r in seen] == [[], ["kernels"], ["kernels", "gpu_tests"]]
+    assert [r["pending"] for r in seen] == [["kernels", "gpu_tests", "dequant_bench"],
+                                            ["gpu_tests", "dequant_bench"], ["dequant_bench"]]
+    final = json.loads(out.read_text())
+    assert lab.check_result(final) == [] and "pending" not in final
+    assert list(final["steps"]) == ["kernels", "gpu_tests", "dequant_bench"]
+    assert [p.name for p in tmp_path.iterdir()] == ["lab.json"]
+    assert f"wrote {out}" in capsys.readouterr().out
 
 
 def test_every_step_has_a_function(lab):

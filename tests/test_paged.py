@@ -161,7 +161,8 @@ def test_paged_bytes_guard_still_refuses(fake_unified):
         opt.step()
 
 
-def test_one_notice_on_cpu():
+def test_one_notice_on_cpu(monkeypatch):
+    monkeypatch.setattr(paged, "_told_not_paged", False)   # as in a fresh process
     params = _params()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -3,10 +3,8 @@
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 from pathlib import Path
-import random
 import sys
 import tempfile
 import time
@@ -15,7 +13,7 @@ import numpy as np
 from scipy import stats
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, set_seed
 
 from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import collate, pad_token_id
@@ -80,9 +78,7 @@ def build_variant(cfg: TrainConfig, variant: str):
 def full_finetuning_run(cfg: TrainConfig) -> Run:
     """What chapter 8's setup_run makes, for full finetuning, whose model build_model does not
     build: the same seeding, data, optimizer and schedule around build_variant(cfg, "full")."""
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)                       # random, numpy and torch, as setup_run seeds them
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex = tokenized_splits(cfg, tokenizer)
     model = build_variant(cfg, "full")
@@ -105,9 +101,8 @@ def setup_variant(cfg: TrainConfig, variant: str) -> Run:
 
 
 def finetune(cfg: TrainConfig, variant: str, mcq_folder=None, progress: bool = False) -> dict:
-    """Train one variant for cfg.max_steps with chapter 8's setup_run and train_step (no
-    checkpoints, nothing written), then score it: held-out loss, multiple-choice accuracy,
-    resident bytes."""
+    """Train one variant cfg.max_steps steps with chapter 8's setup_run and train_step (nothing
+    written), then score it: held-out loss, multiple-choice accuracy, resident bytes."""
     start = time.time()
     run = setup_variant(cfg, variant)
     model = run.model.train()
@@ -137,9 +132,8 @@ def measured_bytes(model, opt, batch: dict) -> dict:
     opt.zero_grad(set_to_none=True)
     return {"frozen weights": storage_bytes(frozen),
             "trainable weights": storage_bytes(p for p in params if p.requires_grad),
-            "gradients": grads,
-            "optimizer state": storage_bytes(t for s in opt.state.values() for t in s.values()
-                                             if torch.is_tensor(t))}
+            "gradients": grads, "optimizer state": storage_bytes(
+                t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))}
 
 
 def accounted_bytes(config, variant: str, r: int) -> dict:
@@ -150,10 +144,9 @@ def accounted_bytes(config, variant: str, r: int) -> dict:
     q = qlora_memory(config, r=r, double_quant=variant == "QLoRA NF4+DQ",
                      compute_dtype=torch.float32, model=model)
     if variant == "full":      # fp32 weights and gradients, Adam m and v, a step per tensor
-        n_tensors = len(list(model.parameters()))
         return {"frozen weights": q["embeddings, head, norms"] - 4 * pc.other,  # the buffers
                 "trainable weights": 4 * pc.total, "gradients": 4 * pc.total,
-                "optimizer state": 8 * pc.total + 4 * n_tensors}
+                "optimizer state": 8 * pc.total + 4 * len(list(model.parameters()))}
     base = 4 * pc.linear if variant == "LoRA" else q["4-bit weights"] + q["quantization constants"]
     return {"frozen weights": base + q["embeddings, head, norms"],
             "trainable weights": q["LoRA weights"], "gradients": q["LoRA gradients"],
@@ -185,13 +178,17 @@ def base_model_dir(size: str) -> str:
     return str(family_model_dir(size, 0)) if size in FAMILY else size
 
 
+def sweep_file(size: str, out_dir) -> Path:
+    """OUT_DIR/NAME.json: every sweep on one model (NAME: a folder's name, or owner--name)."""
+    name = Path(size).name if Path(size).is_dir() else size.replace("/", "--")
+    return Path(out_dir) / f"{name}.json"
+
+
 def run_sweep(size: str, sweep: str, seeds=(0, 1, 2), out_dir="results/finetuning",
               progress: bool = True) -> dict:
-    """Every run of a sweep on one model, appended to OUT_DIR/SIZE.json (shared by the sweeps: a
-    run they have in common runs once). Resumable: the file is rewritten after each run and
-    finished runs are skipped."""
-    name = Path(size).name if Path(size).is_dir() else size.replace("/", "--")  # a folder, a hub id
-    out = Path(out_dir) / f"{name}.json"
+    """Every run of a sweep on one model, added to its sweep_file, which the sweeps share (a run
+    in two sweeps runs once). Resumable: rewritten after each run; finished runs are skipped."""
+    out = sweep_file(size, out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = read_results(out, "runs") or dict(size=size, runs={})
     model = base_model_dir(size)
@@ -199,20 +196,22 @@ def run_sweep(size: str, sweep: str, seeds=(0, 1, 2), out_dir="results/finetunin
     _same_weights(out, result, sha, "runs")           # a resumed sweep trains on one model
     result.update(provenance(), budget=BUDGET, learning_rates=LEARNING_RATES, weights_sha256=sha,
                   parameters=family_parameters(size) if size in FAMILY else None)
-    mcq = make_stdlib_mcq(Path(tempfile.mkdtemp()) / "mcq")
     todo = [k for k in runs(sweep, seeds) if run_key(*k) not in result["runs"]]
-    for variant, placement, r, lr, seed in tqdm(todo, desc=f"{size} {sweep}", disable=not progress):
-        cfg = variant_config(variant, model, target_modules=PLACEMENTS[placement], lora_r=r,
-                             learning_rate=lr, seed=seed)
-        try:
-            entry = finetune(cfg, variant, mcq)
-        except TrainingDiverged as e:               # a learning rate too high: recorded, not hidden
-            entry = dict(variant=variant, diverged=str(e), eval_loss=None)
-        entry.update(placement=placement, r=r, lr=lr, seed=seed)
-        if placement == "all linear" and "diverged" not in entry:
-            entry["accounted_bytes"] = accounted_bytes(AutoConfig.from_pretrained(model), variant, r)
-        result["runs"][run_key(variant, placement, r, lr, seed)] = entry
-        _write(out, result)
+    with tempfile.TemporaryDirectory() as scratch:
+        mcq = make_stdlib_mcq(Path(scratch) / "mcq")
+        for variant, placement, r, lr, seed in tqdm(todo, f"{size} {sweep}", disable=not progress):
+            cfg = variant_config(variant, model, target_modules=PLACEMENTS[placement], lora_r=r,
+                                 learning_rate=lr, seed=seed)
+            try:
+                entry = finetune(cfg, variant, mcq)
+            except TrainingDiverged as e:           # a learning rate too high: recorded, not hidden
+                entry = dict(variant=variant, diverged=str(e), eval_loss=None)
+            entry.update(placement=placement, r=r, lr=lr, seed=seed)
+            if placement == "all linear" and "diverged" not in entry:
+                config = AutoConfig.from_pretrained(model)
+                entry["accounted_bytes"] = accounted_bytes(config, variant, r)
+            result["runs"][run_key(variant, placement, r, lr, seed)] = entry
+            _write(out, result)
     return result
 
 
@@ -279,6 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    size = args.sizes[0]
     try:
         check_sizes(args.sizes)
         for size in args.sizes:
@@ -288,6 +288,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: every run that finished is in the file already
+        print(f"interrupted: the finished runs are kept in {sweep_file(size, args.out)}; the "
+              "same command resumes", file=sys.stderr)
+        return 130
     return 0
 
 
