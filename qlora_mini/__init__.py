@@ -22,7 +22,7 @@ _EXPORTS = {  # module (in chapter order) -> the public names it gives the packa
     "load4bit": ["load_4bit", "save_4bit"],
     "memory": ["SavedTensors", "activation_bytes", "count_parameters", "full_finetune_memory",
                "qlora_memory", "saved_tensor_bytes"],
-    "model": ["DEFAULT_MODEL", "load_model", "load_tokenizer"],                   # appendix A
+    "default_model": ["DEFAULT_MODEL", "load_model", "load_tokenizer"],           # appendix A
     "lora": ["LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "read_adapter",
              "save_adapter", "trainable_parameters"],                             # chapter 6
     "policy": ["DTYPE_POLICIES", "apply_dtype_policy"],

@@ -9,7 +9,7 @@ import typing
 import yaml
 
 from qlora_mini.data import DEFAULT_DATA, FORMATS
-from qlora_mini.model import DEFAULT_MODEL
+from qlora_mini.default_model import DEFAULT_MODEL
 from qlora_mini.policy import DTYPE_POLICIES
 from qlora_mini.storage import FLOAT_DTYPES, QUANT_TYPES
 

@@ -16,9 +16,9 @@ import torch
 from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import (DEFAULT_DATA, IGNORE_INDEX, bos_ids, collate, guanaco_prompt,
                              load_splits, pad_token_id, stdlib_qa, tokenize_example)
+from qlora_mini.default_model import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from qlora_mini.load4bit import checkpoint_dir
 from qlora_mini.lora import load_adapter, read_adapter
-from qlora_mini.model import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from qlora_mini.recipe import build_model, tokenized_splits
 from qlora_mini.utils import default_device
 

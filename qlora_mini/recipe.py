@@ -7,10 +7,10 @@ import torch
 
 from qlora_mini.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
 from qlora_mini.data import load_splits, tokenize_example
+from qlora_mini.default_model import load_model, resolve
 from qlora_mini.linear4bit import linear_layer_names
 from qlora_mini.load4bit import load_4bit
 from qlora_mini.lora import LoRALinear, add_lora, enable_gradient_checkpointing, prepare_qlora
-from qlora_mini.model import load_model, resolve
 from qlora_mini.paged import PagedAdamW
 from qlora_mini.utils import default_device
 

@@ -21,9 +21,9 @@ from qlora_mini.checkpoint import (OutputInUse, adapter_tensors, fault_hook, loa
 from qlora_mini.config import (TrainConfig, config_problems, length_problems, load_config,
                                presets)
 from qlora_mini.data import collate, epoch_batches, pad_token_id
+from qlora_mini.default_model import load_tokenizer
 from qlora_mini.evaluate import eval_loss
 from qlora_mini.lora import save_adapter
-from qlora_mini.model import load_tokenizer
 from qlora_mini.plotting import figure
 from qlora_mini.recipe import (Processes, apply_hyperparameters, build_model, lr_factor,
                                make_optimizer, tokenized_splits)

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_mini.studies import datatypes as D
-from qlora_mini.model import heldout_perplexity, stdlib_corpus, token_stream, train_tokenizer
+from qlora_mini.default_model import heldout_perplexity, stdlib_corpus, token_stream, train_tokenizer
 from qlora_mini.quantization import normalized_mse
 from qlora_mini.storage import dequantize_4bit, quantize_4bit
 

@@ -146,7 +146,7 @@ def test_adapter_is_evaluated_on_the_base_its_run_trained_on(tmp_path, capsys):
     import shutil
     from qlora_mini import train as T
     from qlora_mini.data import pad_token_id
-    from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
+    from qlora_mini.default_model import DEFAULT_MODEL, load_tokenizer
     from qlora_mini.recipe import tokenized_splits
     out = tmp_path / "run"
     T.main(["--output", str(out), "--max-steps", "2", "--no-progress",

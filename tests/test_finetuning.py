@@ -9,7 +9,7 @@ import torch
 
 from qlora_mini.studies import finetuning as F
 from qlora_mini.lora import LoRALinear
-from qlora_mini.model import load_model, weights_sha256
+from qlora_mini.default_model import load_model, weights_sha256
 from qlora_mini.train import train
 from tiny_model import make_tiny_model
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 import torch
 
 from qlora_mini.data import stdlib_qa, tokenize_example
+from qlora_mini.default_model import train_tokenizer
 from qlora_mini.exercises.grading import compare
-from qlora_mini.model import train_tokenizer
 
 
 def check_tokenize(student_fn, n: int = 30, seed=None, tokenizer=None) -> None:

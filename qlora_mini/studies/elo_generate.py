@@ -62,7 +62,7 @@ def _checked_args(args) -> None:
 
 def main(argv=None) -> Path:
     from qlora_mini.evaluate import load_for_eval
-    from qlora_mini.model import DEFAULT_MODEL, load_tokenizer
+    from qlora_mini.default_model import DEFAULT_MODEL, load_tokenizer
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.studies.elo_generate",
                                  description=__doc__)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local folder")

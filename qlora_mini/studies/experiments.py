@@ -14,11 +14,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from qlora_mini.model import (MODEL_CONFIG, TRAIN_CONFIG, cache_dir, default_model_dir,
+from qlora_mini.default_model import (MODEL_CONFIG, TRAIN_CONFIG, cache_dir, default_model_dir,
                               load_model, load_tokenizer, shipped_model_dir, stdlib_corpus,
                               token_stream, weights_sha256)
 from qlora_mini.studies.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
-from qlora_mini.studies.family import FAMILY, family_model_dir, family_parameters
+from qlora_mini.studies.model_family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.utils import default_device
 
 

@@ -17,14 +17,14 @@ from transformers import AutoConfig, set_seed
 
 from qlora_mini.config import TrainConfig, load_config
 from qlora_mini.data import collate, pad_token_id
+from qlora_mini.default_model import load_model, load_tokenizer, weights_sha256
 from qlora_mini.evaluate import eval_loss, make_stdlib_mcq, mcq_accuracy
 from qlora_mini.lora import enable_gradient_checkpointing
 from qlora_mini.memory import count_parameters, meta_model, qlora_memory, storage_bytes
-from qlora_mini.model import load_model, load_tokenizer, weights_sha256
 from qlora_mini.recipe import build_model, lr_factor, make_optimizer
 from qlora_mini.studies.datatypes import quantize_linears
 from qlora_mini.studies.experiments import _same_weights, _write, check_sizes, provenance, read_results
-from qlora_mini.studies.family import FAMILY, family_model_dir, family_parameters
+from qlora_mini.studies.model_family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.train import Run, TrainingDiverged, setup_run, tokenized_splits, train_step
 from qlora_mini.utils import default_device
 

@@ -2,8 +2,8 @@
 (the default model's own for the smallest size). Nothing here pretrains a family model."""
 import pytest
 
-from qlora_mini.studies import family as F
-from qlora_mini.model import MODEL_CONFIG
+from qlora_mini.studies import model_family as F
+from qlora_mini.default_model import MODEL_CONFIG
 
 
 def _formula(cfg: dict) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_mini import model as M
+from qlora_mini import default_model as M
 
 TINY_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)

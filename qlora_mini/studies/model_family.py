@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_mini.default_model import MODEL_CONFIG, TRAIN_CONFIG, default_model_dir
 from qlora_mini.linear4bit import linear_layer_names
-from qlora_mini.model import MODEL_CONFIG, TRAIN_CONFIG, default_model_dir
 
 
 FAMILY = {  # name -> Appendix A's MODEL_CONFIG with these changes; "h128-l4" is the default model
