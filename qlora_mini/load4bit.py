@@ -13,6 +13,7 @@ import torch.nn as nn
 from qlora_mini import kernels  # chapter 4's compiled twin quantizes a chunk in one pass
 from qlora_mini.codebooks import get_code
 from qlora_mini.linear4bit import Linear4bit, linear_layer_names, replace_module
+from qlora_mini.smollm2 import SMOLLM2, smollm2_dir
 from qlora_mini.storage import QuantState4bit, double_quantize, quantize_4bit
 from qlora_mini.utils import ceil_div, default_compute_dtype, default_device
 
@@ -47,8 +48,11 @@ def checkpoint_dir(name_or_path) -> Path:
     """A local folder holding the checkpoint: the folder itself, or a hub snapshot (config,
     safetensors and tokenizer files only). Errors name the path or id and say why: a folder
     without config.json, no such folder (a path, not an owner/name id), or an id the hub cache
-    lacks while the hub cannot be reached."""
+    lacks while the hub cannot be reached. SMOLLM2 names Appendix B's real model, converted into
+    the cache on first use."""
     name, path = str(name_or_path), Path(name_or_path).expanduser()
+    if name == SMOLLM2:
+        return smollm2_dir()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json, so not a transformers checkpoint")

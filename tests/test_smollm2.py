@@ -50,3 +50,27 @@ def test_it_loads_as_an_ordinary_checkpoint(folder):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+
+
+def test_load_4bit_of_the_real_model_stores_bitsandbytes_bytes(folder):
+    """Issue 23: load_4bit("smollm2-135m", nf4, double quant) holds, for every linear layer but
+    the head, the packed codes and the 8-bit absmax codes that bitsandbytes' own quantize_4bit
+    makes from the same float32 weights (read from the converted checkpoint, not from our model)."""
+    import bitsandbytes.functional as bnbF
+    import torch
+    from safetensors import safe_open
+
+    from qlora_mini.linear4bit import Linear4bit
+    from qlora_mini.load4bit import load_4bit
+    model = load_4bit(smollm2.SMOLLM2, quant_type="nf4", double_quant=True,
+                      compute_dtype=torch.float32, device="cpu")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(layers) == 210
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        for name, layer in layers.items():
+            W = f.get_tensor(f"{name}.weight")                          # (out, in) float32
+            packed, state = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True,
+                                               quant_type="nf4")
+            assert torch.equal(layer.packed_bytes.flatten(), packed.flatten()), name
+            assert torch.equal(layer.state.absmax, state.absmax), name   # uint8 codes
+            assert torch.allclose(layer.state.offset, state.offset), name
