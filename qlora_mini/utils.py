@@ -67,6 +67,20 @@ def file_lock(path: Path):
         yield
 
 
+def writable_folder(folder) -> Path:
+    """Make ``folder`` (and its parents) if needed and check that a file can be created in it,
+    before a command starts work it would lose at its first write; else an OSError naming it."""
+    import tempfile
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"{folder}: cannot write results there ({e.strerror or e})") from None
+    return folder
+
+
 def default_device() -> str:
     """Where work runs when the caller does not say: "cuda" where PyTorch sees a GPU, else "cpu"."""
     import torch

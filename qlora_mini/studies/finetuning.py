@@ -26,7 +26,7 @@ from qlora_mini.studies.datatypes import quantize_linears
 from qlora_mini.studies.experiments import _same_weights, _write, check_sizes, provenance, read_results
 from qlora_mini.studies.model_family import FAMILY, family_model_dir, family_parameters
 from qlora_mini.train import Run, TrainingDiverged, setup_run, tokenized_splits, train_step
-from qlora_mini.utils import default_device
+from qlora_mini.utils import default_device, writable_folder
 
 
 VARIANTS = {  # name -> the TrainConfig keys it sets; "full" and "Int4" need more (below)
@@ -281,11 +281,12 @@ def main(argv=None) -> int:
     size = args.sizes[0]
     try:
         check_sizes(args.sizes)
+        writable_folder(args.out)
         for size in args.sizes:
             for sweep in args.sweeps:
                 r = run_sweep(size, sweep, tuple(args.seeds), args.out)
                 print(f"{size} {sweep}: {len(r['runs'])} runs in the file", flush=True)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:   # Ctrl-C: every run that finished is in the file already
