@@ -137,6 +137,16 @@ def demo_run(steps: int = 10, global_batch: int = 4, seq_len: int = 16, seed: in
     return result
 
 
+def _check_demo_args(ap, args) -> None:
+    """Refuse nonsense before the run starts: argparse's one-line error, status 2."""
+    for flag, value in (("--steps", args.steps), ("--global-batch", args.global_batch)):
+        if value < 1:
+            ap.error(f"{flag} must be >= 1, got {value}")
+    out = Path(args.out).resolve()
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        ap.error(f"--out {args.out}: its folder does not exist or cannot be written")
+
+
 def demo_main(argv=None) -> int:
     """`python -m qlora_mini.distributed demo --steps S --global-batch B --out RESULT.pt`."""
     ap = argparse.ArgumentParser(prog="python -m qlora_mini.distributed demo",
@@ -145,12 +155,7 @@ def demo_main(argv=None) -> int:
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--out", required=True, help="where process 0 saves the result (torch.save)")
     args = ap.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--global-batch", args.global_batch)):
-        if value < 1:
-            ap.error(f"{flag} must be >= 1, got {value}")
-    out = Path(args.out).resolve()
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        ap.error(f"--out {args.out}: its folder does not exist or cannot be written")
+    _check_demo_args(ap, args)
     try:
         result = demo_run(args.steps, args.global_batch)
     except ValueError as e:

