@@ -25,7 +25,7 @@ _EXPORTS = {  # module (in chapter order) -> the public names it gives the packa
     "default_model": ["DEFAULT_MODEL", "load_model", "load_tokenizer"],           # appendix A
     "lora": ["LoRALinear", "load_adapter", "merge_qlora", "prepare_qlora", "read_adapter",
              "save_adapter", "trainable_parameters"],                             # chapter 6
-    "policy": ["DTYPE_POLICIES", "apply_dtype_policy"],
+    "dtype_policy": ["DTYPE_POLICIES", "apply_dtype_policy"],
     "paged": ["PagedAdamW"],                                                      # chapter 7
     "data": ["DEFAULT_DATA", "load_splits", "stdlib_qa"],  # chapter 8 (train/evaluate: commands)
     "studies.elo": ["bradley_terry", "elo_tournament", "win_rate_matrix"],        # chapter 9

@@ -10,7 +10,7 @@ import yaml
 
 from qlora_mini.data import DEFAULT_DATA, FORMATS
 from qlora_mini.default_model import DEFAULT_MODEL
-from qlora_mini.policy import DTYPE_POLICIES
+from qlora_mini.dtype_policy import DTYPE_POLICIES
 from qlora_mini.storage import FLOAT_DTYPES, QUANT_TYPES
 
 
@@ -38,7 +38,7 @@ class TrainConfig:
     quant_type: str = "nf4"            # one of storage.QUANT_TYPES
     double_quant: bool = True          # 8-bit absmax (chapter 3)
     compute_dtype: str = "auto"        # auto: bfloat16 where native, else float32 (utils)
-    dtype_policy: str = "reference"    # policy.DTYPE_POLICIES: reference (qlora.py --bf16) | fp32
+    dtype_policy: str = "reference"    # reference (qlora.py --bf16) or fp32: DTYPE_POLICIES
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05

@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 import torch
 import torch.nn as nn
 
+from qlora_mini.dtype_policy import DTYPE_POLICIES, apply_dtype_policy
 from qlora_mini.linear4bit import Linear4bit, linear_layer_names, quantize_model, replace_module
-from qlora_mini.policy import DTYPE_POLICIES, apply_dtype_policy
 
 
 def check_lora_args(r, alpha, dropout) -> None:
@@ -121,7 +121,7 @@ def prepare_qlora(model, r: int = 64, alpha: float = 16, dropout: float = 0.05,
                   compute_dtype=None, gradient_checkpointing: bool = True,  # None: bf16 if native
                   dtype_policy: str = "reference"):
     """QLoRA in place: a frozen 4-bit base (unless load_4bit made it), LoRALinear on the targets,
-    the rest frozen and cast by dtype_policy (qlora_mini.policy); input grads, checkpointing on."""
+    the rest frozen and cast by dtype_policy (qlora_mini.dtype_policy); input grads, checkpointing on."""
     check_lora_args(r, alpha, dropout)
     if dtype_policy not in DTYPE_POLICIES:
         raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")

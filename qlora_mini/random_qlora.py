@@ -7,10 +7,10 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 from qlora_mini.codebooks import get_code
+from qlora_mini.dtype_policy import apply_dtype_policy
 from qlora_mini.linear4bit import STATE_FIELDS, Linear4bit, linear_layer_names, replace_module
 from qlora_mini.lora import add_lora, enable_gradient_checkpointing
 from qlora_mini.memory import llama_config
-from qlora_mini.policy import apply_dtype_policy
 from qlora_mini.storage import dynamic_code
 from qlora_mini.utils import default_device
 

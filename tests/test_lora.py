@@ -315,7 +315,7 @@ def reference_casts(pm):
 def test_reference_dtype_policy_equals_peft_with_the_references_casts(model_dir, tokens):
     pm = reference_casts(peft.get_peft_model(bnb_model(model_dir, torch.bfloat16), peft.LoraConfig(
         r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False)))
-    from qlora_mini.policy import input_to_weight_dtype     # the reference gets it from autocast
+    from qlora_mini.dtype_policy import input_to_weight_dtype     # the reference gets it from autocast
     pm.lm_head.register_forward_pre_hook(input_to_weight_dtype)
     model = ours(model_dir, compute_dtype=torch.bfloat16, dtype_policy="reference").train()
     copy_peft_lora_into_ours(pm.train(), model)
@@ -341,7 +341,7 @@ def test_fp16_compute_keeps_fp32_adapters_and_bad_policy_is_refused(model_dir):
 
 
 def test_policy_without_a_dtype_takes_the_4bit_layers_or_says_why():
-    from qlora_mini.policy import apply_dtype_policy
+    from qlora_mini.dtype_policy import apply_dtype_policy
     model = nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 64), compute_dtype=torch.float16))
     assert apply_dtype_policy(model, "reference", None) == F32   # fp16 compute: fp32 adapters
     model = nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 64), compute_dtype=torch.bfloat16))
