@@ -227,3 +227,25 @@ def test_paged_notice_once_under_torchrun(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(NOTICE) == 1, done.stderr
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("command", [
+    ["qlora_mini.studies.experiments", "datatypes", "--sizes", "h128-l4", "--out", "OUT"],
+    ["qlora_mini.studies.experiments", "rebuild", "--out", "OUT"],
+    ["qlora_mini.studies.finetuning", "compare", "--out", "OUT"],
+    ["qlora_mini.studies.llm_datatypes", "--out", "OUT/r.json"]])
+@pytest.mark.parametrize("where", ["/proc/qlora-mini-test", "FILE/below-a-file"])
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, command, where):
+    """An --out that cannot hold a file (under /proc, or below a regular file) is refused with
+    one line before a model loads, instead of a traceback at the first write."""
+    blocker = tmp_path / "FILE"
+    blocker.write_text("a file, not a folder")
+    out = where.replace("FILE", str(blocker))
+    args = [a.replace("OUT", out) for a in command]
+    start = time.time()
+    run = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert time.time() - start < 60                        # no model was loaded or trained

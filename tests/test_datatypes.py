@@ -106,6 +106,11 @@ def test_compare_order_verdicts():
     nll["d"] = nll["c"] + 0.01 * torch.randn(100, generator=torch.Generator().manual_seed(0),
                                             dtype=torch.float64)
     assert D.compare_order(nll, ["c", "d"])["pairs"][("c", "d")] == "unresolved"
+    # no pair resolved: nothing was shown either way (it used to say "does not hold")
+    assert D.compare_order(nll, ["c", "d"])["verdict"] == "inconclusive"
+    # a claim contradicted as often as it is confirmed does not hold; a ratio function is honoured
+    flip = lambda a, b: {"low": 0.5, "high": 0.9} if a is nll["a"] else {"low": 1.1, "high": 1.2}
+    assert D.compare_order(nll, ["a", "b", "c"], ratio=flip)["verdict"] == "does not hold"
 
 
 def test_weight_mse_pools_the_linear_layers(tiny):

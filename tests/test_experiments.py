@@ -92,3 +92,31 @@ def test_an_unknown_size_is_refused_before_any_work(tmp_path, module, args):
     run = command(module, *args, "--sizes", "h999-l1", "--out", str(out))
     assert_one_line_error(run, "unknown size 'h999-l1'")
     assert not out.exists()
+
+
+@pytest.mark.processes
+def test_ctrl_c_keeps_the_finished_entries_without_a_traceback(tiny_dir, tmp_path):
+    """A SIGINT mid-sweep (a real process): one line saying where the entries are and how to
+    resume, exit status 130, and a results file that is whole and that a rerun completes."""
+    import signal
+    import time
+    args = [sys.executable, "-m", "qlora_mini.studies.experiments", "datatypes", "--sizes",
+            str(tiny_dir), "--out", str(tmp_path), "--blocksizes", "64", "128", "256", "512",
+            "1024", "2048"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    path = tmp_path / f"{str(tiny_dir).replace('/', '--')}-seed0.json"
+    deadline = time.time() + 240
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]                  # progress bars come before it
+    assert last.startswith("interrupted:") and str(tmp_path) in last and "resume" in last
+    kept = json.loads(path.read_text())["entries"]
+    assert 1 <= len(kept) < 1 + 6 * len(DATA_TYPES)
+    again = subprocess.run(args[:-5], capture_output=True, text=True, timeout=300)  # blocksize 64
+    assert again.returncode == 0
+    resumed = json.loads(path.read_text())["entries"]
+    assert len(resumed) == 1 + len(DATA_TYPES) and resumed["16-bit"] == kept["16-bit"]

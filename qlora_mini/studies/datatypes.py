@@ -95,22 +95,32 @@ def paired_ratio(nll_a: torch.Tensor, nll_b: torch.Tensor, z: float = 1.96) -> d
     return dict(ratio=math.exp(mean), low=math.exp(mean - z * se), high=math.exp(mean + z * se))
 
 
-def compare_order(nll: dict, order: list, z: float = 1.96) -> dict:
-    """Check a claimed order (worst first, e.g. the paper's Table 2) on paired window NLLs.
-    Every pair (a before b) is "agrees" when ppl_a / ppl_b's interval lies above 1, "contradicts"
-    when below, else "unresolved". Verdict: "holds" (all agree), "does not hold" (no more
-    pairs agree than contradict), else "holds partly". Returns {"pairs": {(a, b): status}, "verdict": str}."""
+def order_verdict(agree: int, against: int, pairs: int) -> str:
+    """The verdict on a claimed order from its pairs: "holds" (all agree), "inconclusive" (no pair
+    resolved), "does not hold" (at least as many contradict as agree), else "holds partly"."""
+    if agree == pairs:
+        return "holds"
+    if agree == against == 0:
+        return "inconclusive"
+    return "does not hold" if agree <= against else "holds partly"
+
+
+def compare_order(nll: dict, order: list, z: float = 1.96, ratio=None) -> dict:
+    """Check a claimed order (worst first, e.g. the paper's Table 2) on paired NLLs. Every pair (a
+    before b) is "agrees" when ppl_a / ppl_b's interval lies above 1, "contradicts" when below,
+    else "unresolved"; order_verdict decides. ratio(nll_a, nll_b) -> {low, high}: the paired
+    interval (default: paired_ratio over windows at z). Returns {"pairs": {(a, b): status},
+    "verdict": str}."""
+    ratio = ratio or (lambda a, b: paired_ratio(a, b, z))
     pairs = {}
     for i, a in enumerate(order):
         for b in order[i + 1:]:
-            r = paired_ratio(nll[a], nll[b], z)
+            r = ratio(nll[a], nll[b])
             pairs[(a, b)] = ("agrees" if r["low"] > 1 else "contradicts" if r["high"] < 1
                              else "unresolved")
     n_agree = sum(s == "agrees" for s in pairs.values())
     n_against = sum(s == "contradicts" for s in pairs.values())
-    verdict = ("holds" if n_agree == len(pairs) else "does not hold" if n_agree <= n_against
-               else "holds partly")
-    return dict(pairs=pairs, verdict=verdict)
+    return dict(pairs=pairs, verdict=order_verdict(n_agree, n_against, len(pairs)))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from qlora_mini.default_model import (MODEL_CONFIG, TRAIN_CONFIG, cache_dir, def
                               token_stream, weights_sha256)
 from qlora_mini.studies.datatypes import DATA_TYPES, linear_mse, quantize_linears, window_nll
 from qlora_mini.studies.model_family import FAMILY, family_model_dir, family_parameters
-from qlora_mini.utils import default_device
+from qlora_mini.utils import default_device, writable_folder
 
 
 def provenance() -> dict:
@@ -41,8 +41,11 @@ def provenance() -> dict:
 def _write(path: Path, result: dict) -> None:
     """Write JSON atomically (a killed run leaves the previous file, never half of one)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
+    finally:                                # interrupted between the two: no stray .tmp file
+        tmp.unlink(missing_ok=True)
 
 
 def _result_file(size: str, seed: int, out_dir, train=None) -> tuple[Path, dict]:
@@ -199,21 +202,27 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     train = {k: v for k, v in dict(steps=args.steps, threads=args.threads).items() if v}
     torch.set_num_threads(args.threads or TRAIN_CONFIG["threads"])
+    out = args.out or f"results/{args.experiment}"
     try:
         check_sizes(args.sizes)
+        writable_folder(out)
         if args.experiment == "rebuild":
-            r = run_rebuild(args.seeds, args.out or "results/rebuild")
+            r = run_rebuild(args.seeds, out)
             print(f"rebuilt seeds {sorted(r['rebuilds'])}", flush=True)
             return 0
         for size in args.sizes:
             for seed in args.seeds:
-                r = run_datatypes(size, seed, tuple(args.blocksizes),
-                                  args.out or "results/datatypes", args.device, train=train)
+                r = run_datatypes(size, seed, tuple(args.blocksizes), out, args.device,
+                                  train=train)
                 print(f"{size} seed {seed}: {len(r['entries'])} entries, {r['wall_s']:.0f} s",
                       flush=True)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished entries are kept in {out}; run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     return 0
 
 
