@@ -103,7 +103,10 @@ def test_ctrl_c_keeps_the_finished_entries_without_a_traceback(tiny_dir, tmp_pat
     args = [sys.executable, "-m", "qlora_mini.studies.experiments", "datatypes", "--sizes",
             str(tiny_dir), "--out", str(tmp_path), "--blocksizes", "64", "128", "256", "512",
             "1024", "2048"]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    # a shell that starts jobs in the background (nohup ... &) hands them SIGINT ignored, and
+    # Python then keeps ignoring it: give the sweep the default disposition, as a terminal would
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     path = tmp_path / f"{str(tiny_dir).replace('/', '--')}-seed0.json"
     deadline = time.time() + 240
     while not path.exists() and proc.poll() is None and time.time() < deadline:
