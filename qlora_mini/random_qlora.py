@@ -19,7 +19,8 @@ def random_linear4bit(in_features: int, out_features: int, device="cpu",
                       generator=None) -> Linear4bit:
     """A Linear4bit (NF4 + double quantization) with random codes and block constants, made
     without quantizing anything (fast at any size)."""
-    layer = Linear4bit(in_features, out_features, bias=False, device="meta")
+    layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                       device="meta")            # the reference's compute dtype, on any CPU
     for name in ("packed", *STATE_FIELDS):
         meta = getattr(layer, name)
         if meta is None:
