@@ -5,7 +5,6 @@
 import contextlib
 from dataclasses import asdict
 import fcntl
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qlora_mini.config import resume_changes
 from qlora_mini.lora import PEFT_PREFIX, read_adapter, save_adapter
-from qlora_mini.utils import atomic_dir
+from qlora_mini.utils import atomic_dir, file_sha256
 
 
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # sharded state: gathered
@@ -152,18 +151,11 @@ def prune_checkpoints(out: Path, keep: int | None) -> None:
         shutil.rmtree(old)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     """manifest.json: bytes and sha256 of every file of the checkpoint, written last."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    entries = {p.relative_to(folder).as_posix():
+               {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                for p in files}
     (folder / "manifest.json").write_text(json.dumps(entries, indent=1))
 
@@ -178,7 +170,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or file_sha256(path) != want["sha256"]:
             return f"{name} does not match its manifest (size or sha256)"
     return None
 

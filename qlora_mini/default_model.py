@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlora_mini.smollm2 import SMOLLM2, smollm2_dir
-from qlora_mini.utils import atomic_dir, cache_dir, file_lock
+from qlora_mini.utils import atomic_dir, cache_dir, file_lock, file_sha256
 
 
 DEFAULT_MODEL = "qlora-mini/stdlib-llama"  # a name that load_model/load_tokenizer resolve locally
@@ -159,11 +159,7 @@ def shipped_model_dir(model_config: dict | None = None, train_config: dict | Non
 
 def weights_sha256(model_dir: str | Path) -> str:
     """The sha256 of a model folder's model.safetensors: how a results JSON names its weights."""
-    digest = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(Path(model_dir) / "model.safetensors")
 
 
 def default_model_dir(model_config: dict | None = None, train_config: dict | None = None,

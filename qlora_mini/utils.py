@@ -67,6 +67,17 @@ def file_lock(path: Path):
         yield
 
 
+def file_sha256(path) -> str:
+    """The sha256 of a file, read 1 MiB at a time: how checkpoints, weights and downloaded
+    files are named and checked."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def writable_folder(folder) -> Path:
     """Make ``folder`` (and its parents) if needed and check that a file can be created in it,
     before a command starts work it would lose at its first write; else an OSError naming it."""
